@@ -1,0 +1,69 @@
+"""Errors for bad user input: each names the file, the line (row) and the column (field)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from os import PathLike
+
+
+class InputError(ValueError):
+    """One problem in a user's input, located by file, line and column.
+
+    ``line`` is the 1-based line number in the file as an editor shows it (a CSV's header is line 1,
+    its first data row line 2); for non-tabular inputs (a raster, a region layer) ``line`` may be
+    ``None`` and ``where`` names the item instead (e.g. ``"region_id=17"``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | PathLike[str] | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        where: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = None if file is None else str(file)
+        self.line = line
+        self.field = field
+        self.where = where
+        super().__init__(self.__str__())
+
+    def located(
+        self,
+        *,
+        file: str | PathLike[str] | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        where: str | None = None,
+    ) -> InputError:
+        """A copy with missing location parts filled in (existing parts are kept)."""
+        return InputError(
+            self.message,
+            file=self.file if self.file is not None else file,
+            line=self.line if self.line is not None else line,
+            field=self.field if self.field is not None else field,
+            where=self.where if self.where is not None else where,
+        )
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.file, None if self.line is None else f"line {self.line}") if p]
+        if self.where:
+            parts.append(self.where)
+        if self.field:
+            parts.append(f"column '{self.field}'")
+        prefix = ", ".join(parts)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class InputErrors(ValueError):
+    """Several input problems, reported together so a user can fix them all in one go."""
+
+    def __init__(self, errors: Iterable[InputError], *, limit: int = 50) -> None:
+        self.errors = list(errors)
+        shown = [f"  - {e}" for e in self.errors[:limit]]
+        if len(self.errors) > limit:
+            shown.append(f"  ... and {len(self.errors) - limit} more")
+        noun = "problem" if len(self.errors) == 1 else "problems"
+        super().__init__(f"{len(self.errors)} input {noun} found:\n" + "\n".join(shown))
