@@ -1,0 +1,68 @@
+"""The ``fusion`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from fusion.errors import InputError, InputErrors
+
+
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="look at input data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "inspect",
+        help="counts per label and split, series coverage, tile formats, and a PNG gallery",
+    )
+    p.add_argument("--manifest", required=True, help="CSV of samples")
+    p.add_argument("--series", help="activity table (default: the bundle's beside the manifest)")
+    p.add_argument("--image-root", help="folder that relative image paths start from")
+    p.add_argument("--key-column", default="sensor_id")
+    p.add_argument("--time-column", default="timestamp")
+    p.add_argument("--value-columns", nargs="+", default=["count"])
+    p.add_argument("--timezone", help="IANA zone for naive timestamps")
+    p.add_argument("--min-present", type=float, default=0.5)
+    p.add_argument("--split", choices=["manifest", "stratified", "place"], default="manifest")
+    p.add_argument("--output", default="results/inspect", help="folder for gallery.png")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from fusion.data.datamodule import FusionDataModule
+    from fusion.data.inspect import inspect
+
+    dm = FusionDataModule(
+        manifest=args.manifest,
+        series=args.series,
+        image_root=args.image_root,
+        key_column=args.key_column,
+        time_column=args.time_column,
+        value_columns=args.value_columns,
+        timezone=args.timezone,
+        min_present=args.min_present,
+        split=args.split,
+    )
+    inspect(dm, Path(args.output))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _data_parser(sub)
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        if args.command == "data":
+            return _inspect(args)
+    except (InputError, InputErrors) as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The sample manifest: one row per (tile, activity window) pair, and the fixed class list.
+
+A manifest is a CSV with columns ``sample_id, image, <series key>, start, hours`` and optionally
+``label`` and ``split``. ``image`` or the series key may be empty in a row (that view is missing for
+the sample); a row with neither is an error. Line numbers (header = line 1) travel with every row so
+that later checks can name them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import pandas as pd
+
+from fusion.errors import InputError, InputErrors
+
+SPLITS = ("train", "val", "test")
+LINE = "_line"
+
+
+def read_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -> pd.DataFrame:
+    """Read and check a manifest's structure.
+
+    Returns a frame of strings with the manifest's columns, ``hours`` as int, and a ``_line``
+    column (the row's line number in the file). Raises :class:`InputErrors` listing every
+    structural problem: missing columns, empty or duplicate ``sample_id``, bad ``hours`` or
+    ``split``, rows with neither an image nor a series key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("manifest not found", file=path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"cannot read manifest: {err}", file=path) from err
+    required = ("sample_id", "image", key_column, "start", "hours")
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"missing column(s) {missing}; a manifest needs {list(required)} "
+            "(+ optional 'label', 'split')",
+            file=path,
+        )
+    frame = frame.apply(lambda col: col.str.strip())
+    frame[LINE] = range(2, len(frame) + 2)
+    problems: list[InputError] = []
+
+    def problem(row: pd.Series, field: str, message: str) -> None:
+        problems.append(InputError(message, file=path, line=int(row[LINE]), field=field))
+
+    first_line: dict[str, int] = {}
+    hours = pd.to_numeric(frame["hours"], errors="coerce")
+    for i, row in frame.iterrows():
+        sid = row["sample_id"]
+        if not sid:
+            problem(row, "sample_id", "empty sample_id")
+        elif sid in first_line:
+            problem(row, "sample_id", f"duplicate sample_id '{sid}' (first on line {first_line[sid]})")
+        else:
+            first_line[sid] = int(row[LINE])
+        has_series = bool(row[key_column])
+        if not row["image"] and not has_series:
+            problem(row, "image", f"neither an image nor a '{key_column}': nothing to classify")
+        if has_series:
+            h = hours[i]
+            if pd.isna(h) or h != int(h) or h <= 0:
+                problem(row, "hours", f"hours must be a positive whole number, got '{row['hours']}'")
+            if not row["start"]:
+                problem(row, "start", "empty window start")
+        if "split" in frame.columns and row["split"] and row["split"] not in SPLITS:
+            problem(row, "split", f"unknown split '{row['split']}' (use one of {list(SPLITS)})")
+    if problems:
+        raise InputErrors(problems)
+    frame["hours"] = hours.fillna(0).astype(int)
+    return frame
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """A fixed, ordered list of class names: the model's output index ``i`` is ``names[i]``."""
+
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError("a class list needs at least one class")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"duplicate class names in {list(self.names)}")
+
+    @classmethod
+    def from_labels(cls, labels: Sequence[str]) -> ClassList:
+        """Sorted unique non-empty labels."""
+        return cls(tuple(sorted({label for label in labels if label})))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, label: object) -> bool:
+        return label in self.names
+
+    def index(self, label: str) -> int:
+        return self.names.index(label)
+
+    def save(self, path: str | PathLike[str]) -> None:
+        Path(path).write_text(json.dumps({"classes": list(self.names)}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | PathLike[str]) -> ClassList:
+        return cls(tuple(json.loads(Path(path).read_text())["classes"]))
+
+
+# Layout of the real-data bundle (``shared/data``): used only to fill in paths a user left out.
+BUNDLE_SERIES = Path("footfall") / "counts.csv.gz"
+BUNDLE_SEARCH_DEPTH = 3
+
+
+def resolve_image_root(manifest_path: Path, images: Sequence[str]) -> Path:
+    """Folder that relative image paths are taken from when none is given.
+
+    The manifest's folder, else the nearest parent folder (up to three levels) in which the first
+    image exists. Every row is checked against the chosen root later, so a wrong guess shows up
+    as missing files, never as silently mixed roots.
+    """
+    folder = manifest_path.resolve().parent
+    first = next((Path(i) for i in images if i), None)
+    if first is None or first.is_absolute():
+        return folder
+    for candidate in [folder, *folder.parents][: BUNDLE_SEARCH_DEPTH + 1]:
+        if (candidate / first).exists():
+            return candidate
+    return folder
+
+
+def default_series_path(manifest_path: Path) -> Path | None:
+    """The bundle's series table beside a manifest (``../footfall/counts.csv.gz``), if present."""
+    folder = manifest_path.resolve().parent
+    for candidate in [folder, *folder.parents][: BUNDLE_SEARCH_DEPTH + 1]:
+        if (candidate / BUNDLE_SERIES).is_file():
+            return candidate / BUNDLE_SERIES
+    return None
+
+
+def image_paths(frame: pd.DataFrame, root: Path) -> list[Path | None]:
+    """Absolute image paths per row (``None`` where the row has no image)."""
+    return [None if not image else root / image for image in frame["image"]]
