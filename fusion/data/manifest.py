@@ -59,7 +59,9 @@ def read_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -
         if not sid:
             problem(row, "sample_id", "empty sample_id")
         elif sid in first_line:
-            problem(row, "sample_id", f"duplicate sample_id '{sid}' (first on line {first_line[sid]})")
+            problem(
+                row, "sample_id", f"duplicate sample_id '{sid}' (first on line {first_line[sid]})"
+            )
         else:
             first_line[sid] = int(row[LINE])
         has_series = bool(row[key_column])
@@ -68,7 +70,9 @@ def read_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -
         if has_series:
             h = hours[i]
             if pd.isna(h) or h != int(h) or h <= 0:
-                problem(row, "hours", f"hours must be a positive whole number, got '{row['hours']}'")
+                problem(
+                    row, "hours", f"hours must be a positive whole number, got '{row['hours']}'"
+                )
             if not row["start"]:
                 problem(row, "start", "empty window start")
         if "split" in frame.columns and row["split"] and row["split"] not in SPLITS:

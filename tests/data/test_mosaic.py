@@ -1,0 +1,217 @@
+"""Region tiles cut from a large GeoTIFF along polygons (real rasters + region grids)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+from shapely.geometry import Polygon, box
+from torch.utils.data import DataLoader, Dataset
+
+from fusion.data.mosaic import RegionRaster
+from fusion.errors import InputError
+from tests.conftest import DATA
+
+GEO = DATA / "geotiff"
+RGBN = GEO / "rgbn.tif"
+REGIONS = GEO / "regions.gpkg"
+LANDSAT = GEO / "landsat8_224078_20200518.tif"
+REGIONS_LANDSAT = GEO / "regions_landsat.gpkg"
+
+
+@pytest.fixture(scope="module")
+def grid() -> gpd.GeoDataFrame:
+    return gpd.read_file(REGIONS)
+
+
+@pytest.fixture(scope="module")
+def rgbn() -> RegionRaster:
+    return RegionRaster(RGBN, REGIONS)
+
+
+def position(grid: gpd.GeoDataFrame, region_id: int) -> int:
+    return int(np.flatnonzero(grid["region_id"].to_numpy() == region_id)[0])
+
+
+def direct_read(bounds: tuple[float, float, float, float]) -> np.ndarray:
+    """The raster pixels under an axis-aligned box, read straight with rasterio."""
+    with rasterio.open(RGBN) as src:
+        left, top = src.transform.c, src.transform.f
+        col = round((bounds[0] - left) / 5)
+        row = round((top - bounds[3]) / 5)
+        width, height = round((bounds[2] - bounds[0]) / 5), round((bounds[3] - bounds[1]) / 5)
+        return src.read(window=Window(col, row, width, height)).astype(np.float32)
+
+
+def write_regions(path: Path, frame: gpd.GeoDataFrame) -> Path:
+    frame.to_file(path, layer="regions", driver="GPKG")
+    return path
+
+
+def test_rgbn_grid_basics(rgbn: RegionRaster, grid: gpd.GeoDataFrame) -> None:
+    assert len(rgbn) == 252
+    assert rgbn.ids == grid["region_id"].tolist()
+    assert rgbn.crs == "EPSG:32618"
+    assert rgbn.outside() == []
+    assert len(rgbn.geometries) == 252 and rgbn.geometries.crs == "EPSG:32618"
+
+
+def test_complete_cell_equals_direct_read(rgbn: RegionRaster, grid: gpd.GeoDataFrame) -> None:
+    for region_id in (0, 40, 130):
+        i = position(grid, region_id)
+        assert bool(grid["complete"].iloc[i])
+        tile = rgbn.read(i)
+        assert tile.data.shape == (4, 30, 30) and tile.data.dtype == np.float32
+        assert tile.valid.all()
+        assert tile.crs == "EPSG:32618" and f"region_id={region_id}" in tile.source
+        np.testing.assert_array_equal(tile.data, direct_read(grid.geometry.iloc[i].bounds))
+
+
+def test_incomplete_edge_cells_are_padded(rgbn: RegionRaster, grid: gpd.GeoDataFrame) -> None:
+    incomplete = grid.index[~grid["complete"]]
+    assert len(incomplete) == 31
+    # region 17 is on the right edge: the raster ends 25 m (5 px) into the 150 m cell
+    tile = rgbn.read(position(grid, 17))
+    assert tile.data.shape == (4, 30, 30)
+    assert tile.valid[:, :5].all() and not tile.valid[:, 5:].any()
+    # region 251 is the bottom-right corner: only the top-left part lies on the raster
+    corner = rgbn.read(position(grid, 251))
+    assert corner.data.shape == (4, 30, 30)
+    assert 0 < corner.valid.sum() < 30 * 30 and corner.valid[0, 0] and not corner.valid[-1, -1]
+    for i in incomplete:
+        assert not rgbn.read(int(i)).valid.all()
+
+
+def test_regions_in_other_crs_give_same_tile(
+    rgbn: RegionRaster, grid: gpd.GeoDataFrame, tmp_path: Path
+) -> None:
+    path = write_regions(tmp_path / "wgs84.gpkg", grid.to_crs("EPSG:4326"))
+    lonlat = RegionRaster(RGBN, path)
+    assert lonlat.crs == "EPSG:32618" and len(lonlat) == 252
+    i = position(grid, 60)
+    ref, got = rgbn.read(i), lonlat.read(i)
+    assert all(abs(a - b) <= 1 for a, b in zip(got.data.shape, ref.data.shape, strict=True))
+    assert got.valid[1:-1, 1:-1].all()
+    np.testing.assert_array_equal(got.data[:, 1:29, 1:29], ref.data[:, 1:29, 1:29])
+
+
+def test_region_outside_raster_raises(grid: gpd.GeoDataFrame, tmp_path: Path) -> None:
+    far = gpd.GeoDataFrame(
+        {"region_id": [999], "row": [0], "col": [0], "cell_m": [150.0], "complete": [False]},
+        geometry=[box(900000, 2050000, 900150, 2050150)],
+        crs=grid.crs,
+    )
+    path = write_regions(tmp_path / "far.gpkg", pd.concat([grid, far], ignore_index=True))
+    regions = RegionRaster(RGBN, path)
+    assert regions.outside() == [999]
+    with pytest.raises(InputError, match="entirely outside the raster") as exc:
+        regions.read(len(regions) - 1)
+    assert exc.value.where == "region_id=999"
+    assert str(path) in str(exc.value) and str(RGBN) in str(exc.value)
+    assert regions.read(0).valid.all()  # the others still read
+
+
+def test_polygon_mask_for_non_square_region(tmp_path: Path) -> None:
+    left, top = 792988.0 + 50, 2050382.0 - 50
+    triangle = Polygon([(left, top), (left, top - 100), (left + 100, top - 100)])
+    frame = gpd.GeoDataFrame({"region_id": ["tri"]}, geometry=[triangle], crs="EPSG:32618")
+    tile = RegionRaster(RGBN, write_regions(tmp_path / "tri.gpkg", frame)).read(0)
+    assert tile.data.shape == (4, 20, 20)
+    assert tile.valid[-1, 0] and not tile.valid[0, -1]
+    assert 180 <= tile.valid.sum() <= 220  # about half of 20x20
+    assert np.array_equal(tile.valid, np.tril(np.ones((20, 20), bool)) & tile.valid)
+
+
+def test_bad_region_files_raise(grid: gpd.GeoDataFrame, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="'crs' was not provided"):
+        no_crs = write_regions(tmp_path / "nocrs.gpkg", grid.set_crs(None, allow_override=True))
+    with pytest.raises(InputError, match="no CRS") as exc:
+        RegionRaster(RGBN, no_crs)
+    assert exc.value.file == str(no_crs)
+
+    with pytest.raises(InputError, match="no id column 'cell'") as exc:
+        RegionRaster(RGBN, REGIONS, id_column="cell")
+    assert exc.value.file == str(REGIONS) and exc.value.field == "cell"
+
+    dup = grid.copy()
+    dup.loc[dup.index[5], "region_id"] = 3
+    dup_path = write_regions(tmp_path / "dup.gpkg", dup)
+    with pytest.raises(InputError, match="duplicate region ids: 3") as exc:
+        RegionRaster(RGBN, dup_path)
+    assert exc.value.file == str(dup_path)
+
+    with pytest.raises(InputError, match="file not found"):
+        RegionRaster(RGBN, tmp_path / "missing.gpkg")
+    with pytest.raises(InputError, match="band 5"):
+        RegionRaster(RGBN, REGIONS, bands=[5])
+
+    table = tmp_path / "table.csv"
+    table.write_text("region_id,x\n1,2\n")
+    with pytest.raises(InputError, match="no geometries"):
+        RegionRaster(RGBN, table)
+    junk = tmp_path / "junk.gpkg"
+    junk.write_bytes(b"not a geopackage" * 64)
+    with pytest.raises(InputError, match="cannot read regions") as exc:
+        RegionRaster(RGBN, junk)
+    assert exc.value.file == str(junk)
+
+
+def test_band_selection_and_pickling(rgbn: RegionRaster, grid: gpd.GeoDataFrame) -> None:
+    i = position(grid, 40)
+    ref = rgbn.read(i)  # the raster handle is open now
+    swapped = RegionRaster(RGBN, REGIONS, bands=[3, 2, 1]).read(i)
+    np.testing.assert_array_equal(swapped.data, ref.data[[2, 1, 0]])
+    clone = pickle.loads(pickle.dumps(rgbn))
+    np.testing.assert_array_equal(clone.read(i).data, ref.data)
+    clone.close()
+    np.testing.assert_array_equal(clone.read(i).data, ref.data)  # reopens after close
+
+
+class RegionTensors(Dataset):
+    """Map-style view of a ``RegionRaster`` for a DataLoader."""
+
+    def __init__(self, regions: RegionRaster, positions: list[int]) -> None:
+        self.regions, self.positions = regions, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return torch.from_numpy(self.regions.read(self.positions[k]).data)
+
+
+def test_reads_in_dataloader_workers(rgbn: RegionRaster) -> None:
+    positions = [0, 40, 130, 17]
+    expected = torch.stack([torch.from_numpy(rgbn.read(i).data) for i in positions])
+    # fork: the worker inherits the parent's open handle and must reopen it (spawn goes through
+    # pickling, covered above)
+    loader = DataLoader(
+        RegionTensors(rgbn, positions), batch_size=2, num_workers=1, multiprocessing_context="fork"
+    )
+    assert torch.equal(torch.cat(list(loader)), expected)
+
+
+def test_landsat_regions_with_nodata() -> None:
+    grid = gpd.read_file(REGIONS_LANDSAT)
+    regions = RegionRaster(LANDSAT, REGIONS_LANDSAT, nodata=0)
+    assert len(regions) == 1558 and regions.crs == "EPSG:32621"
+    frac = grid["valid_frac"].to_numpy()
+    full = int(np.flatnonzero((frac == 1) & grid["complete"].to_numpy())[0])
+    tile = regions.read(full)
+    assert tile.data.shape == (3, 50, 50) and tile.valid.all()
+    assert tile.data.max() > 255
+    for i in np.flatnonzero((frac > 0) & (frac < 1))[:5]:
+        part = regions.read(int(i))
+        assert part.data.shape == (3, 50, 50)
+        assert part.valid.mean() == pytest.approx(frac[i], abs=0.01)
+    empty = int(np.flatnonzero(frac == 0)[0])
+    with pytest.raises(InputError, match="all pixels are nodata") as exc:
+        regions.read(empty)
+    assert exc.value.where == f"region_id={grid['region_id'].iloc[empty]}"
