@@ -1,0 +1,520 @@
+"""Long-format hourly activity tables (key, timestamp, values...) cut into fixed windows.
+
+A table is read once (``.csv``, ``.csv.gz`` or ``.parquet``) and validated with vectorized
+operations (no Python loop per row). Each key keeps its sorted UTC epoch hours ``(n,)``, its values
+``(n, F)`` float32 and the local UTC offset of every row ``(n,)`` in minutes, so a window of ``T``
+consecutive absolute hours is cut with two binary searches.
+
+Time stamps are ISO 8601 text (``2021-03-01T08:00:00+11:00``, mixed offsets allowed) or, in Parquet,
+timestamp columns. Naive time stamps (no offset) need ``timezone``: they are localized in that zone,
+where a wall-clock hour repeated by a DST change maps to its first (daylight-time) instant the first
+time a key lists it and to its second (standard-time) instant the next time, and a wall-clock hour
+skipped by a DST change is an error (shifting it would collide with the next real hour).
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from collections.abc import Iterable
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fusion.errors import InputError
+
+CALENDAR_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
+
+_US_PER_MINUTE = 60_000_000
+_US_PER_HOUR = 60 * _US_PER_MINUTE
+_ISO_8601 = (
+    r"^\s*\d{4}-?\d{2}-?\d{2}(?:[T ][\d:.,]*)?\s*"
+    r"(?P<offset>[Zz]|[+-]\d{2}(?::?\d{2})?)?\s*$"
+)
+_EPOCH = pd.Timestamp(0, tz="UTC")
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesWindow:
+    """``T`` consecutive absolute hours of one key.
+
+    ``values`` ``(T, F)`` float32 (NaN where the table has no row), ``present`` ``(T,)`` bool,
+    ``local_hour`` ``(T,)`` int wall-clock hour 0-23 and ``local_dow`` ``(T,)`` int weekday
+    (Monday=0) of each slot.
+    """
+
+    values: np.ndarray
+    present: np.ndarray
+    local_hour: np.ndarray
+    local_dow: np.ndarray
+
+    @property
+    def present_share(self) -> float:
+        """Share of the ``T`` slots that have a row."""
+        return float(self.present.mean())
+
+
+@dataclass(frozen=True, eq=False)
+class _KeySeries:
+    hours: np.ndarray  # (n,) int64 UTC epoch hours, strictly increasing
+    values: np.ndarray  # (n, F) float32
+    offsets: np.ndarray  # (n,) int16 local UTC offset in minutes
+
+
+@dataclass(frozen=True, eq=False)
+class _Rows:
+    """Locates data rows by their index after blank lines were dropped.
+
+    CSV rows are named by file line (header = line 1), Parquet rows by 1-based row number.
+    """
+
+    path: Path
+    positions: np.ndarray
+    csv: bool
+
+    def name(self, index: int) -> str:
+        position = int(self.positions[index])
+        return f"line {position + 2}" if self.csv else f"row {position + 1}"
+
+    def error(self, message: str, index: int, field: str | None) -> InputError:
+        position = int(self.positions[index])
+        if self.csv:
+            return InputError(message, file=self.path, line=position + 2, field=field)
+        return InputError(message, file=self.path, where=f"row {position + 1}", field=field)
+
+
+class SeriesTable:
+    """Hourly series of several keys (e.g. sensors), read from one long-format table."""
+
+    def __init__(
+        self,
+        path: Path,
+        value_columns: tuple[str, ...],
+        timezone: str | None,
+        series: dict[str, _KeySeries],
+    ) -> None:
+        self._path = path
+        self._value_columns = value_columns
+        self._timezone = timezone
+        self._series = series
+
+    @classmethod
+    def read(
+        cls,
+        path: str | PathLike[str],
+        *,
+        key_column: str = "sensor_id",
+        time_column: str = "timestamp",
+        value_columns: tuple[str, ...] = ("count",),
+        timezone: str | None = None,
+    ) -> SeriesTable:
+        """Read and validate a long-format table with one row per (key, hour).
+
+        ``timezone`` (IANA name) localizes naive time stamps and, for time stamps with offsets,
+        sets the zone of the local calendar (otherwise each row's own offset is used).
+        """
+        path = Path(path)
+        value_columns = tuple(value_columns)
+        if not value_columns:
+            raise InputError("no value columns requested", file=path)
+        zone = None if timezone is None else _check_zone(timezone, path)
+        frame, rows = _load(path, key_column, time_column, value_columns)
+        if frame.empty:
+            raise InputError("table has no data rows", file=path)
+        codes, keys = _parse_keys(frame[key_column], rows, key_column)
+        utc_us, offsets = _parse_times(frame[time_column], codes, zone, rows, time_column)
+        values = _parse_values(frame, value_columns, rows)
+        series = _split(keys, codes, utc_us // _US_PER_HOUR, values, offsets, rows)
+        return cls(path, value_columns, zone, series)
+
+    @property
+    def keys(self) -> list[str]:
+        """Keys in sorted order."""
+        return list(self._series)
+
+    @property
+    def value_columns(self) -> tuple[str, ...]:
+        return self._value_columns
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def timezone(self) -> str | None:
+        return self._timezone
+
+    @property
+    def n_rows(self) -> int:
+        """Number of (key, hour) rows."""
+        return sum(len(s.hours) for s in self._series.values())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._series
+
+    def span(self, key: str) -> tuple[pd.Timestamp, pd.Timestamp]:
+        """First and last UTC hour that ``key`` has a row for."""
+        hours = self._get(key).hours
+        return _hour_stamp(int(hours[0])), _hour_stamp(int(hours[-1]))
+
+    def window(self, key: str, start: pd.Timestamp, hours: int) -> SeriesWindow:
+        """``hours`` consecutive absolute hours of ``key`` from ``start`` (tz-aware, on the hour).
+
+        Local calendar: from ``timezone`` when the table has one, otherwise from the UTC offset of
+        the row nearest to each slot (ties go to the later row).
+        """
+        series = self._get(key)
+        if hours < 1:
+            raise InputError(f"window length must be at least 1 hour, got {hours}")
+        first = _epoch_hour(start)
+        last = first + hours - 1
+        if first < series.hours[0] or last > series.hours[-1]:
+            raise InputError(
+                f"window {_hour_stamp(first).isoformat()} .. {_hour_stamp(last).isoformat()} "
+                f"({hours} h) is outside the span of series key {key!r} in {self._path}: "
+                f"{_hour_stamp(int(series.hours[0])).isoformat()} .. "
+                f"{_hour_stamp(int(series.hours[-1])).isoformat()}"
+            )
+        lo, hi = (int(i) for i in np.searchsorted(series.hours, [first, last + 1]))
+        slots = series.hours[lo:hi] - first
+        values = np.full((hours, len(self._value_columns)), np.nan, dtype=np.float32)
+        values[slots] = series.values[lo:hi]
+        present = np.zeros(hours, dtype=bool)
+        present[slots] = True
+        slot_hours = first + np.arange(hours, dtype=np.int64)
+        if self._timezone is not None:
+            offsets = _zone_offsets(slot_hours * _US_PER_HOUR, self._timezone)
+        else:
+            offsets = _nearest_offsets(series, slot_hours, lo, hi)
+        local_minutes = slot_hours * 60 + offsets
+        # 1970-01-01 was a Thursday (Monday=0 -> 3).
+        return SeriesWindow(
+            values=values,
+            present=present,
+            local_hour=(local_minutes // 60) % 24,
+            local_dow=(local_minutes // 1440 + 3) % 7,
+        )
+
+    def _get(self, key: str) -> _KeySeries:
+        try:
+            return self._series[key]
+        except KeyError:
+            raise InputError(f"series key {key!r} not found in {self._path}") from None
+
+
+def parse_start(value: str, *, timezone: str | None = None) -> pd.Timestamp:
+    """A window start (ISO 8601, on the hour) as a UTC timestamp.
+
+    A naive value needs ``timezone``; a wall-clock hour repeated by a DST change is taken as its
+    first (daylight-time) instant, as the first such row of a table is.
+    """
+    try:
+        stamp = pd.Timestamp(value.strip()) if re.fullmatch(_ISO_8601, value) else pd.NaT
+    except ValueError:
+        stamp = pd.NaT
+    if stamp is pd.NaT:
+        raise InputError(f"cannot parse window start {value!r} (expected ISO 8601)")
+    if stamp.tzinfo is None:
+        if timezone is None:
+            raise InputError(
+                f"window start {value!r} has no UTC offset; pass timezone "
+                "(an IANA name such as 'Australia/Melbourne')"
+            )
+        stamp = stamp.tz_localize(_check_zone(timezone, None), ambiguous=True, nonexistent="NaT")
+        if stamp is pd.NaT:
+            raise InputError(
+                f"window start {value!r} does not exist in {timezone} (skipped by a DST change)"
+            )
+    stamp = stamp.tz_convert("UTC")
+    _epoch_hour(stamp)
+    return stamp
+
+
+def encode_window(window: SeriesWindow, *, log1p: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs of a window: features ``(T, F + 4)`` float32 and mask ``(T,)`` bool.
+
+    Features are the values (``log1p``-scaled if asked, absent hours 0 after scaling) followed by
+    ``CALENDAR_FEATURES`` (sine/cosine of the local hour of day and day of week).
+    """
+    values = np.log1p(window.values) if log1p else window.values
+    values = np.where(window.present[:, None], values, 0.0)
+    hour = 2 * np.pi * window.local_hour / 24
+    dow = 2 * np.pi * window.local_dow / 7
+    calendar = np.stack([np.sin(hour), np.cos(hour), np.sin(dow), np.cos(dow)], axis=1)
+    features = np.concatenate([values, calendar], axis=1).astype(np.float32)
+    return features, window.present.copy()
+
+
+def _check_zone(name: str, path: Path | None) -> str:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise InputError(f"unknown time zone {name!r} (expected an IANA name)", file=path) from None
+    return name
+
+
+def _load(
+    path: Path, key_column: str, time_column: str, value_columns: tuple[str, ...]
+) -> tuple[pd.DataFrame, _Rows]:
+    """The needed columns of the table, blank CSV lines dropped, and a locator of its rows."""
+    if not path.is_file():
+        raise InputError("file not found", file=path)
+    columns = [key_column, time_column, *value_columns]
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        _require_columns(columns, pq.read_schema(path).names, path)
+        frame = pd.read_parquet(path, columns=columns)
+        return frame, _Rows(path, np.arange(len(frame)), csv=False)
+    if not name.endswith((".csv", ".csv.gz")):
+        raise InputError("unsupported table format (expected .csv, .csv.gz or .parquet)", file=path)
+    try:
+        _require_columns(columns, pd.read_csv(path, nrows=0).columns, path)
+        frame = pd.read_csv(
+            path,
+            usecols=columns,
+            dtype={key_column: "str", time_column: "str"},
+            keep_default_na=False,
+            na_values={c: [""] for c in value_columns},
+            skip_blank_lines=False,
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read CSV: {error}", file=path) from None
+    blank = (
+        (frame[key_column].str.strip() == "")
+        & (frame[time_column].str.strip() == "")
+        & frame[list(value_columns)].isna().all(axis=1)
+    ).to_numpy()
+    positions = np.flatnonzero(~blank)
+    if blank.any():
+        frame = frame.iloc[positions].reset_index(drop=True)
+    return frame, _Rows(path, positions, csv=True)
+
+
+def _require_columns(columns: list[str], available: Iterable[str], path: Path) -> None:
+    names = set(available)
+    for column in columns:
+        if column not in names:
+            raise InputError("column missing from the table header", file=path, field=column)
+
+
+def _show(column: pd.Series, index: int) -> str:
+    """A cell quoted for a message."""
+    return repr(str(column.iloc[index]))
+
+
+def _first(mask: np.ndarray) -> int | None:
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if len(hits) else None
+
+
+def _parse_keys(column: pd.Series, rows: _Rows, field: str) -> tuple[np.ndarray, list[str]]:
+    """Key codes ``(n,)`` into the sorted list of distinct keys."""
+    text = column.astype("str")
+    bad = _first((text.isna() | (text.str.strip() == "")).to_numpy())
+    if bad is not None:
+        raise rows.error("missing key", bad, field)
+    codes, uniques = pd.factorize(text, sort=True)
+    return codes.astype(np.int64), [str(k) for k in uniques]
+
+
+def _parse_times(
+    column: pd.Series, codes: np.ndarray, zone: str | None, rows: _Rows, field: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """UTC epoch microseconds ``(n,)`` int64 and local UTC offset minutes ``(n,)`` int16."""
+    if isinstance(column.dtype, pd.DatetimeTZDtype):
+        missing = _first(column.isna().to_numpy())
+        if missing is not None:
+            raise rows.error("missing timestamp", missing, field)
+        utc_us = pd.DatetimeIndex(column).as_unit("us").asi8
+        offsets = _zone_offsets(utc_us, zone or column.dt.tz)
+    elif pd.api.types.is_datetime64_dtype(column.dtype):
+        utc_us, offsets = _localize(pd.DatetimeIndex(column), column, codes, zone, rows, field)
+    else:
+        text = column.astype("str")
+        parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+        strings = pa.array(text.array)
+        if isinstance(strings, pa.ChunkedArray):
+            strings = strings.combine_chunks()
+        match = pc.extract_regex(strings, _ISO_8601)
+        bad = _first(parsed.isna().to_numpy() | ~match.is_valid().to_numpy(zero_copy_only=False))
+        if bad is not None:
+            value = text.iloc[bad]
+            message = (
+                "missing timestamp"
+                if pd.isna(value) or not value.strip()
+                else f"cannot parse timestamp {_show(text, bad)} (expected ISO 8601)"
+            )
+            raise rows.error(message, bad, field)
+        encoded = pc.struct_field(match, [0]).dictionary_encode()
+        labels = encoded.dictionary.to_pylist()
+        label_of_row = encoded.indices.to_numpy(zero_copy_only=False)
+        naive = np.isin(label_of_row, [i for i, label in enumerate(labels) if label == ""])
+        if naive.all():
+            wall = pd.DatetimeIndex(parsed).tz_localize(None)
+            utc_us, offsets = _localize(wall, text, codes, zone, rows, field)
+        elif naive.any():
+            first_naive = int(np.flatnonzero(naive)[0])
+            raise rows.error(
+                f"timestamp {_show(text, first_naive)} has no UTC offset while others have one",
+                first_naive,
+                field,
+            )
+        else:
+            utc_us = pd.DatetimeIndex(parsed).as_unit("us").asi8
+            if zone is not None:
+                offsets = _zone_offsets(utc_us, zone)
+            else:
+                minutes = np.array([_offset_minutes(label) for label in labels], dtype=np.int16)
+                offsets = minutes[label_of_row]
+    off_hour = _first(utc_us % _US_PER_HOUR != 0)
+    if off_hour is not None:
+        raise rows.error(
+            f"timestamp {_show(column, off_hour)} is not on a whole UTC hour "
+            "(rows are hourly slots)",
+            off_hour,
+            field,
+        )
+    return utc_us, offsets
+
+
+def _localize(
+    wall: pd.DatetimeIndex,
+    column: pd.Series,
+    codes: np.ndarray,
+    zone: str | None,
+    rows: _Rows,
+    field: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """UTC microseconds and offset minutes of naive wall-clock times in ``zone``.
+
+    DST rules: see the module docstring.
+    """
+    missing = _first(wall.isna())
+    if missing is not None:
+        raise rows.error("missing timestamp", missing, field)
+    if zone is None:
+        raise rows.error(
+            f"timestamp {_show(column, 0)} has no UTC offset; pass timezone "
+            "(an IANA name such as 'Australia/Melbourne')",
+            0,
+            field,
+        )
+    n = len(wall)
+    daylight = wall.tz_localize(zone, ambiguous=np.ones(n, dtype=bool), nonexistent="NaT")
+    skipped = _first(daylight.isna())
+    if skipped is not None:
+        raise rows.error(
+            f"local time {_show(column, skipped)} does not exist in {zone} "
+            "(skipped by a DST change)",
+            skipped,
+            field,
+        )
+    standard = wall.tz_localize(zone, ambiguous=np.zeros(n, dtype=bool), nonexistent="NaT")
+    wall_us = wall.as_unit("us").asi8
+    utc_us = daylight.as_unit("us").asi8.copy()
+    ambiguous = np.flatnonzero(utc_us != standard.as_unit("us").asi8)
+    if len(ambiguous):
+        seen = pd.DataFrame({"key": codes[ambiguous], "wall": wall_us[ambiguous]})
+        repeat = ambiguous[seen.groupby(["key", "wall"]).cumcount().to_numpy() > 0]
+        utc_us[repeat] = standard.as_unit("us").asi8[repeat]
+    return utc_us, ((wall_us - utc_us) // _US_PER_MINUTE).astype(np.int16)
+
+
+def _offset_minutes(text: str) -> int:
+    """``Z``, ``+HH``, ``+HHMM`` or ``+HH:MM`` as signed minutes."""
+    if text in ("Z", "z"):
+        return 0
+    digits = text[1:].replace(":", "")
+    minutes = int(digits[:2]) * 60 + int(digits[2:] or 0)
+    return -minutes if text[0] == "-" else minutes
+
+
+def _zone_offsets(utc_us: np.ndarray, zone: object) -> np.ndarray:
+    """Local UTC offset minutes ``(n,)`` int16 of UTC microseconds ``(n,)`` in ``zone``."""
+    utc = pd.DatetimeIndex(utc_us.astype("datetime64[us]"))
+    local_us = utc.tz_localize("UTC").tz_convert(zone).tz_localize(None).as_unit("us").asi8
+    return ((local_us - utc_us) // _US_PER_MINUTE).astype(np.int16)
+
+
+def _parse_values(frame: pd.DataFrame, value_columns: tuple[str, ...], rows: _Rows) -> np.ndarray:
+    """Values ``(n, F)`` float32; each must be a finite non-negative number."""
+    out = np.empty((len(frame), len(value_columns)), dtype=np.float32)
+    for j, name in enumerate(value_columns):
+        column = frame[name]
+        numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = _first(~np.isfinite(numbers) | (numbers < 0))
+        if bad is not None:
+            message = (
+                "missing value (empty or NaN)"
+                if pd.isna(column.iloc[bad])
+                else f"value {_show(column, bad)} is not a finite non-negative number"
+            )
+            raise rows.error(message, bad, name)
+        out[:, j] = numbers
+    return out
+
+
+def _split(
+    keys: list[str],
+    codes: np.ndarray,
+    hours: np.ndarray,
+    values: np.ndarray,
+    offsets: np.ndarray,
+    rows: _Rows,
+) -> dict[str, _KeySeries]:
+    """Per-key series sorted by hour; a second row for a (key, hour) is an error."""
+    order = np.lexsort((hours, codes))
+    codes, hours = codes[order], hours[order]
+    repeated = np.flatnonzero((codes[1:] == codes[:-1]) & (hours[1:] == hours[:-1]))
+    if len(repeated):
+        # The sort is stable, so the later of two equal rows is the duplicate.
+        k = int(np.argmin(order[repeated + 1]))
+        duplicate, original = int(order[repeated[k] + 1]), int(order[repeated[k]])
+        raise rows.error(
+            f"duplicate hour {_hour_stamp(int(hours[repeated[k]])).isoformat()} for key "
+            f"{keys[codes[repeated[k]]]!r} (first given on {rows.name(original)})",
+            duplicate,
+            None,
+        )
+    bounds = np.flatnonzero(np.diff(codes)) + 1
+    values, offsets = values[order], offsets[order]
+    return {
+        keys[int(c[0])]: _KeySeries(h, v, o)
+        for c, h, v, o in zip(
+            np.split(codes, bounds),
+            np.split(hours, bounds),
+            np.split(values, bounds),
+            np.split(offsets, bounds),
+            strict=True,
+        )
+    }
+
+
+def _nearest_offsets(series: _KeySeries, slot_hours: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Offset minutes ``(T,)`` of the row nearest each slot; rows ``lo-1 .. hi`` bracket them."""
+    a, b = max(lo - 1, 0), min(hi + 1, len(series.hours))
+    near = series.hours[a:b]
+    after = np.searchsorted(near, slot_hours)
+    before = np.maximum(after - 1, 0)
+    after = np.minimum(after, len(near) - 1)
+    take_before = slot_hours - near[before] < near[after] - slot_hours
+    return series.offsets[a:b][np.where(take_before, before, after)].astype(np.int64)
+
+
+def _epoch_hour(start: pd.Timestamp) -> int:
+    if start.tzinfo is None:
+        raise InputError(f"window start {start} has no UTC offset")
+    hours, rest = divmod(start - _EPOCH, pd.Timedelta(hours=1))
+    if rest:
+        raise InputError(f"window start {start.isoformat()} is not on a whole UTC hour")
+    return int(hours)
+
+
+def _hour_stamp(hour: int) -> pd.Timestamp:
+    return pd.Timestamp(hour * 3600, unit="s", tz="UTC")
