@@ -30,22 +30,17 @@ class InputError(ValueError):
         self.where = where
         super().__init__(self.__str__())
 
-    def located(
-        self,
-        *,
-        file: str | PathLike[str] | None = None,
-        line: int | None = None,
-        field: str | None = None,
-        where: str | None = None,
+    def within(
+        self, file: str | PathLike[str], *, line: int | None = None, field: str | None = None
     ) -> InputError:
-        """A copy with missing location parts filled in (existing parts are kept)."""
-        return InputError(
-            self.message,
-            file=self.file if self.file is not None else file,
-            line=self.line if self.line is not None else line,
-            field=self.field if self.field is not None else field,
-            where=self.where if self.where is not None else where,
-        )
+        """This problem as seen from a row of another file (e.g. a manifest naming a bad tile).
+
+        The row's file, line and field become the location; this error's own location moves into
+        the message.
+        """
+        inner = ", ".join(p for p in (self.file, self.where) if p)
+        message = f"{inner}: {self.message}" if inner else self.message
+        return InputError(message, file=file, line=line, field=field)
 
     def __str__(self) -> str:
         parts = [p for p in (self.file, None if self.line is None else f"line {self.line}") if p]

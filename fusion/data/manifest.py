@@ -23,12 +23,19 @@ LINE = "_line"
 
 
 def read_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -> pd.DataFrame:
-    """Read and check a manifest's structure.
+    """Load a manifest and raise :class:`InputErrors` listing every problem in its rows."""
+    frame = load_manifest(path, key_column=key_column)
+    problems = check_manifest(frame, Path(path), key_column=key_column)
+    if problems:
+        raise InputErrors(problems)
+    return frame
 
-    Returns a frame of strings with the manifest's columns, ``hours`` as int, and a ``_line``
-    column (the row's line number in the file). Raises :class:`InputErrors` listing every
-    structural problem: missing columns, empty or duplicate ``sample_id``, bad ``hours`` or
-    ``split``, rows with neither an image nor a series key.
+
+def load_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -> pd.DataFrame:
+    """Read a manifest's table: strings, ``hours`` as int (0 where not a number), and ``_line``.
+
+    Raises :class:`InputError` only if the file is missing, unreadable or lacks a column; row
+    problems are left to :func:`check_manifest`.
     """
     path = Path(path)
     if not path.is_file():
@@ -47,40 +54,46 @@ def read_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -
         )
     frame = frame.apply(lambda col: col.str.strip())
     frame[LINE] = range(2, len(frame) + 2)
-    problems: list[InputError] = []
-
-    def problem(row: pd.Series, field: str, message: str) -> None:
-        problems.append(InputError(message, file=path, line=int(row[LINE]), field=field))
-
-    first_line: dict[str, int] = {}
+    frame["hours_text"] = frame["hours"]
     hours = pd.to_numeric(frame["hours"], errors="coerce")
-    for i, row in frame.iterrows():
+    whole = hours.notna() & (hours == hours.round()) & (hours > 0)
+    frame["hours"] = hours.where(whole, 0).astype(int)
+    return frame
+
+
+def check_manifest(frame: pd.DataFrame, path: Path, *, key_column: str) -> list[InputError]:
+    """Every row problem in a loaded manifest.
+
+    Empty or duplicate ``sample_id``, bad ``hours``, empty ``start``, unknown ``split``, and rows
+    with neither an image nor a series key.
+    """
+    problems: list[InputError] = []
+    first_line: dict[str, int] = {}
+    has_split = "split" in frame.columns
+    for row in frame.to_dict("records"):
+        line = int(row[LINE])
+
+        def problem(field: str, message: str, line: int = line) -> None:
+            problems.append(InputError(message, file=path, line=line, field=field))
+
         sid = row["sample_id"]
         if not sid:
-            problem(row, "sample_id", "empty sample_id")
+            problem("sample_id", "empty sample_id")
         elif sid in first_line:
-            problem(
-                row, "sample_id", f"duplicate sample_id '{sid}' (first on line {first_line[sid]})"
-            )
+            problem("sample_id", f"duplicate sample_id '{sid}' (first on line {first_line[sid]})")
         else:
-            first_line[sid] = int(row[LINE])
-        has_series = bool(row[key_column])
-        if not row["image"] and not has_series:
-            problem(row, "image", f"neither an image nor a '{key_column}': nothing to classify")
-        if has_series:
-            h = hours[i]
-            if pd.isna(h) or h != int(h) or h <= 0:
-                problem(
-                    row, "hours", f"hours must be a positive whole number, got '{row['hours']}'"
-                )
+            first_line[sid] = line
+        if not row["image"] and not row[key_column]:
+            problem("image", f"neither an image nor a '{key_column}': nothing to classify")
+        if row[key_column]:
+            if row["hours"] <= 0:
+                got = row["hours_text"]
+                problem("hours", f"hours must be a positive whole number, got '{got}'")
             if not row["start"]:
-                problem(row, "start", "empty window start")
-        if "split" in frame.columns and row["split"] and row["split"] not in SPLITS:
-            problem(row, "split", f"unknown split '{row['split']}' (use one of {list(SPLITS)})")
-    if problems:
-        raise InputErrors(problems)
-    frame["hours"] = hours.fillna(0).astype(int)
-    return frame
+                problem("start", "empty window start")
+        if has_split and row["split"] and row["split"] not in SPLITS:
+            problem("split", f"unknown split '{row['split']}' (use one of {list(SPLITS)})")
+    return problems
 
 
 @dataclass(frozen=True)

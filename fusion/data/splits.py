@@ -14,7 +14,7 @@ import numpy as np
 
 
 def stratified_split(labels: Sequence[str], *, val_fraction: float, seed: int) -> np.ndarray:
-    """Assign ``"train"``/``"val"`` per row, ``val_fraction`` of each label to val. Returns ``(N,)``."""
+    """``"train"``/``"val"`` per row, ``val_fraction`` of each label to val; ``(N,)`` objects."""
     _check_fraction(val_fraction)
     rng = np.random.default_rng(seed)
     out = np.full(len(labels), "train", dtype=object)

@@ -84,3 +84,11 @@ def test_class_list_round_trip(tmp_path: Path) -> None:
     assert ClassList.load(tmp_path / "classes.json") == classes
     with pytest.raises(ValueError, match="duplicate"):
         ClassList(("a", "a"))
+
+
+def test_error_seen_from_a_manifest_row() -> None:
+    inner = InputError("all pixels are nodata", file="tiles/x.tif", where="region_id=3")
+    outer = inner.within("m.csv", line=7, field="image")
+    assert str(outer) == (
+        "m.csv, line 7, column 'image': tiles/x.tif, region_id=3: all pixels are nodata"
+    )

@@ -1,0 +1,360 @@
+"""LightningDataModule for paired tiles + activity windows.
+
+It owns everything between the user's files and the model's batches: checking the manifest (all
+problems reported together, before any training), the class list, the splits (the manifest's own,
+a seeded stratified one, or a place-disjoint one grouped by series key), per-band normalisation
+statistics (training rows only), class weights, the cached series windows and the loaders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
+from fusion.data.datasets import PairedDataset
+from fusion.data.manifest import (
+    LINE,
+    ClassList,
+    check_manifest,
+    default_series_path,
+    image_paths,
+    load_manifest,
+    resolve_image_root,
+)
+from fusion.data.samples import SeriesArrays, build_series_windows, scan_tiles
+from fusion.data.series import CALENDAR_FEATURES, SeriesTable
+from fusion.data.splits import group_split, single_group_labels, stratified_split
+from fusion.data.tiles import BandStats
+from fusion.errors import InputError, InputErrors
+
+SplitMode = Literal["manifest", "stratified", "place"]
+
+
+class FusionDataModule(L.LightningDataModule):
+    """Batches of ``image (B, C, S, S)``, ``series (B, T, F)``, ``series_mask (B, T)``, labels.
+
+    Args:
+        manifest: CSV of samples (``sample_id, image, <key_column>, start, hours[, label, split]``).
+        series: long-format activity table (CSV, CSV.gz or Parquet); default: the data bundle's
+            ``footfall/counts.csv.gz`` beside the manifest, if there is one.
+        image_root: folder that relative ``image`` paths start from; default: the manifest's folder
+            or the nearest parent in which the first image exists.
+        key_column, time_column, value_columns: column names in the activity table (``key_column``
+            is also the manifest's column naming each row's series).
+        timezone: IANA zone for naive timestamps (required if the table or ``start`` has them).
+        log1p: scale counts with ``log1p``.
+        min_present: least share of present hours in a window; fewer is an input error.
+        image_size: side of the square model input, pixels.
+        bands: 1-based band indexes to read (default: all).
+        nodata: nodata value overriding the files' own.
+        classes: fixed class list (default: the sorted labels of the manifest).
+        split: ``manifest`` (its ``split`` column; rows without one get a seeded stratified split),
+            ``stratified`` (seeded, per label) or ``place`` (place-disjoint: whole series keys, or
+            groups of them, go to train or val). ``test`` rows always stay test.
+        val_fraction: share of rows (stratified) or of places per label (place) sent to val.
+        seed: seed of the splits and of the training loader's shuffling.
+        groups: optional CSV mapping ``key_column`` to ``group_column`` (e.g. the footfall
+            ``sensors.csv`` with ``holdout_group``: nearby sensors move together in a place split).
+        batch_size, num_workers: loader settings.
+        cache_dir: folder of the series-window cache (default ``$FUSION_CACHE`` or
+            ``~/.cache/fusion``; ``""`` disables caching).
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        series: str | None = None,
+        image_root: str | None = None,
+        key_column: str = "sensor_id",
+        time_column: str = "timestamp",
+        value_columns: Sequence[str] = ("count",),
+        timezone: str | None = None,
+        log1p: bool = True,
+        min_present: float = 0.5,
+        image_size: int = 224,
+        bands: Sequence[int] | None = None,
+        nodata: float | None = None,
+        classes: Sequence[str] | None = None,
+        split: SplitMode = "manifest",
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        groups: str | None = None,
+        group_column: str = "holdout_group",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.manifest_path = Path(manifest)
+        self.series_path = Path(series) if series else default_series_path(self.manifest_path)
+        self.image_root = Path(image_root) if image_root else None
+        self.key_column = key_column
+        self.value_columns = tuple(value_columns)
+        self.bands = None if bands is None else list(bands)
+        self.nodata = nodata
+        self.image_size = image_size
+        self.fixed_classes = None if classes is None else ClassList(tuple(classes))
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.classes: ClassList | None = None
+        self.band_stats: BandStats | None = None
+        self.frame: pd.DataFrame | None = None
+        self.splits: np.ndarray | None = None
+        self._datasets: dict[str, PairedDataset] = {}
+
+    # ------------------------------------------------------------------ preparation
+    def setup(self, stage: str | None = None) -> None:
+        if self.frame is None:
+            self._prepare()
+
+    def _prepare(self) -> None:
+        frame = load_manifest(self.manifest_path, key_column=self.key_column)
+        errors = check_manifest(frame, self.manifest_path, key_column=self.key_column)
+        # Rows with structural problems are reported once and skipped by the later checks.
+        bad = frame[LINE].isin({e.line for e in errors}).to_numpy()
+        checked = frame.copy()
+        checked.loc[bad, [self.key_column, "image"]] = ""
+        labels = frame["label"] if "label" in frame.columns else pd.Series([""] * len(frame))
+        classes = self.classes or self.fixed_classes or ClassList.from_labels(labels.tolist())
+        label_idx = np.full(len(frame), -1, dtype=np.int64)
+        for i, (label, line) in enumerate(zip(labels, frame[LINE], strict=True)):
+            if not label:
+                continue
+            if label not in classes:
+                errors.append(
+                    InputError(
+                        f"unknown label '{label}' (classes: {list(classes.names)})",
+                        file=self.manifest_path,
+                        line=int(line),
+                        field="label",
+                    )
+                )
+            else:
+                label_idx[i] = classes.index(label)
+
+        splits = self._split(frame, labels.tolist())
+        for i in np.flatnonzero((splits != "test") & (label_idx < 0) & (labels == "").to_numpy()):
+            errors.append(
+                InputError(
+                    f"{splits[i]} row without a label",
+                    file=self.manifest_path,
+                    line=int(frame[LINE].iloc[i]),
+                    field="label",
+                )
+            )
+
+        series, series_errors = self._series_windows(checked)
+        errors += series_errors
+
+        root = self.image_root or resolve_image_root(self.manifest_path, frame["image"].tolist())
+        paths = image_paths(checked, root)
+        scan, tile_errors = scan_tiles(
+            paths,
+            frame[LINE].tolist(),
+            splits == "train",
+            manifest_path=self.manifest_path,
+            bands=self.bands,
+            nodata=self.nodata,
+            expected_bands=len(self.band_stats) if self.band_stats else None,
+        )
+        errors += tile_errors
+        if errors:
+            raise InputErrors(errors)
+        assert series is not None
+
+        self.frame, self.splits, self.classes = frame, splits, classes
+        self.band_stats = self.band_stats or scan.stats
+        if self.band_stats is None:
+            raise InputError(
+                "no training tiles to compute normalisation statistics from",
+                file=self.manifest_path,
+            )
+        self.labels = label_idx
+        self.series = series
+        self.tile_infos = scan.infos
+        self.image_paths = paths
+        for name in ("train", "val", "test"):
+            rows = np.flatnonzero(splits == name)
+            self._datasets[name] = PairedDataset(
+                rows,
+                images=paths,
+                series=series.features,
+                series_mask=series.mask,
+                has_series=series.present,
+                labels=label_idx,
+                stats=self.band_stats,
+                image_size=self.image_size,
+                bands=self.bands,
+                nodata=self.nodata,
+            )
+
+    def _split(self, frame: pd.DataFrame, labels: list[str]) -> np.ndarray:
+        hp = self.hparams
+        given = frame["split"].to_numpy(dtype=object) if "split" in frame.columns else None
+        splits = np.array(given if given is not None else [""] * len(frame), dtype=object)
+        # "manifest" fills only rows without a split; the other modes re-split all but test rows.
+        todo = splits == "" if hp.split == "manifest" else splits != "test"
+        rows = np.flatnonzero(todo)
+        if len(rows) == 0:
+            return splits
+        sub_labels = [labels[i] for i in rows]
+        if hp.split == "place":
+            groups = self._groups(frame)
+            splits[rows] = group_split(
+                sub_labels, [groups[i] for i in rows], val_fraction=hp.val_fraction, seed=hp.seed
+            )
+            self.unseen_labels = single_group_labels(sub_labels, [groups[i] for i in rows])
+        else:
+            splits[rows] = stratified_split(sub_labels, val_fraction=hp.val_fraction, seed=hp.seed)
+        return splits
+
+    def _groups(self, frame: pd.DataFrame) -> list[str]:
+        """Place of each row: its series key (or its group, from the ``groups`` table)."""
+        hp = self.hparams
+        mapping: dict[str, str] = {}
+        if hp.groups:
+            table = pd.read_csv(hp.groups, dtype=str, keep_default_na=False)
+            for column in (self.key_column, hp.group_column):
+                if column not in table.columns:
+                    raise InputError(f"missing column '{column}'", file=hp.groups)
+            mapping = dict(zip(table[self.key_column], table[hp.group_column], strict=True))
+        keys = frame[self.key_column].tolist()
+        sample_ids = frame["sample_id"].tolist()
+        return [
+            mapping.get(k, k) if k else f"sample:{s}" for k, s in zip(keys, sample_ids, strict=True)
+        ]
+
+    def _series_windows(self, frame: pd.DataFrame) -> tuple[SeriesArrays | None, list[InputError]]:
+        """Windows of all rows (cached); ``None`` with the problems if any row is bad."""
+        hp = self.hparams
+        keyed = (frame[self.key_column] != "").any()
+        if not keyed:
+            empty = np.zeros((len(frame), 0, len(self.value_columns) + len(CALENDAR_FEATURES)))
+            none = np.zeros((len(frame), 0), dtype=bool)
+            return SeriesArrays(empty.astype(np.float32), none, np.zeros(len(frame), bool)), []
+        if self.series_path is None:
+            raise InputError(
+                f"the manifest names series keys ('{self.key_column}') but no series table was "
+                "given (pass series=...)",
+                file=self.manifest_path,
+            )
+        key = cache_key(
+            "series-windows-v1",
+            file_fingerprint(self.series_path),
+            frame[[self.key_column, "start", "hours"]].to_numpy().tolist(),
+            [hp.key_column, hp.time_column, list(self.value_columns)],
+            [hp.timezone, hp.log1p, hp.min_present],
+        )
+
+        def build() -> dict[str, np.ndarray]:
+            table = SeriesTable.read(
+                self.series_path,
+                key_column=hp.key_column,
+                time_column=hp.time_column,
+                value_columns=self.value_columns,
+                timezone=hp.timezone,
+            )
+            arrays, found = build_series_windows(
+                frame,
+                table,
+                manifest_path=self.manifest_path,
+                key_column=self.key_column,
+                timezone=hp.timezone,
+                min_present=hp.min_present,
+                log1p=hp.log1p,
+            )
+            if found:
+                raise InputErrors(found)
+            return arrays.as_dict()
+
+        try:
+            arrays, _ = cached_arrays("series", key, build, cache_dir=hp.cache_dir)
+        except InputErrors as err:
+            return None, err.errors
+        except InputError as err:
+            return None, [err]
+        return SeriesArrays(arrays["features"], arrays["mask"], arrays["present"]), []
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def n_features(self) -> int:
+        return len(self.value_columns) + len(CALENDAR_FEATURES)
+
+    @property
+    def hours(self) -> int:
+        return int(self.series.features.shape[1])
+
+    def class_weights(self) -> torch.Tensor:
+        """Inverse-frequency weights over the training rows, ``(K,)``; absent classes get 0."""
+        assert self.classes is not None and self.splits is not None
+        train = self.labels[(self.splits == "train") & (self.labels >= 0)]
+        counts = np.bincount(train, minlength=len(self.classes)).astype(np.float64)
+        weights = np.where(
+            counts > 0, len(train) / (len(self.classes) * np.maximum(counts, 1)), 0.0
+        )
+        return torch.tensor(weights, dtype=torch.float32)
+
+    def split_counts(self) -> pd.DataFrame:
+        """Rows per label (index) and split (columns)."""
+        assert self.frame is not None and self.classes is not None
+        names = np.array([self.classes.names[i] if i >= 0 else "(none)" for i in self.labels])
+        return pd.crosstab(pd.Series(names, name="label"), pd.Series(self.splits, name="split"))
+
+    # ------------------------------------------------------------------ loaders
+    def dataset(self, split: str) -> PairedDataset:
+        self.setup()
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if len(self.dataset("test")):
+            return self._loader("test", shuffle=False)
+        rank_zero_warn(f"{self.manifest_path} has no test rows: testing on the val rows")
+        return self._loader("val", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    # ------------------------------------------------------------------ saved with the model
+    def state_dict(self) -> dict[str, Any]:
+        assert self.classes is not None and self.band_stats is not None
+        return {
+            "classes": list(self.classes.names),
+            "band_stats": self.band_stats.to_dict(),
+            "image_size": self.image_size,
+            "bands": self.bands,
+            "nodata": self.nodata,
+            "value_columns": list(self.value_columns),
+            "hours": self.hours,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.classes = ClassList(tuple(state["classes"]))
+        self.band_stats = BandStats.from_dict(state["band_stats"])
