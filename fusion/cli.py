@@ -1,4 +1,9 @@
-"""The ``fusion`` command line."""
+"""The ``fusion`` command line.
+
+- ``fusion fit|validate|test|predict --config configs/NAME.yaml``: Lightning's CLI over
+  :class:`fusion.task.FusionTask` and :class:`fusion.data.datamodule.FusionDataModule`.
+- ``fusion data inspect --manifest FILE``: what a manifest holds, as tables and a gallery.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 
 from fusion.errors import InputError, InputErrors
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _data_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,19 +56,50 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def lightning_main(argv: list[str]) -> None:
+    """``fusion fit|validate|test|predict ...`` through Lightning's CLI."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from fusion.data.datamodule import FusionDataModule
+    from fusion.task import FusionTask
+
+    class FusionCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # The model learns the data's classes, statistics and shapes from the datamodule;
+            # they are saved in the checkpoint with the model config.
+            parser.link_arguments(
+                "data", "model.data_info", compute_fn=lambda dm: dm.info(), apply_on="instantiate"
+            )
+
+    FusionCLI(
+        FusionTask,
+        FusionDataModule,
+        args=argv,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusion", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _data_parser(sub)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     console = Console(stderr=True)
     try:
-        if args.command == "data":
-            return _inspect(args)
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            lightning_main(argv)
+            return 0
+        parser = argparse.ArgumentParser(
+            prog="fusion",
+            description="Urban functional-zone classification from tiles + activity series. "
+            f"Training and evaluation: fusion {{{','.join(LIGHTNING_COMMANDS)}}} --config FILE.",
+        )
+        sub = parser.add_subparsers(dest="command", required=True)
+        _data_parser(sub)
+        args = parser.parse_args(argv)
+        return _inspect(args)
     except (InputError, InputErrors) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -184,8 +184,8 @@ class FusionDataModule(L.LightningDataModule):
         self.series = series
         self.tile_infos = scan.infos
         self.image_paths = paths
-        for name in ("train", "val", "test"):
-            rows = np.flatnonzero(splits == name)
+        for name in ("train", "val", "test", "all"):
+            rows = np.flatnonzero(splits == name) if name != "all" else np.arange(len(frame))
             self._datasets[name] = PairedDataset(
                 rows,
                 images=paths,
@@ -343,17 +343,36 @@ class FusionDataModule(L.LightningDataModule):
         return self.test_dataloader()
 
     # ------------------------------------------------------------------ saved with the model
-    def state_dict(self) -> dict[str, Any]:
+    def info(self) -> dict[str, Any]:
+        """What a model needs to know about the data, in plain types (saved in checkpoints)."""
+        self.setup()
         assert self.classes is not None and self.band_stats is not None
         return {
             "classes": list(self.classes.names),
+            "class_weights": self.class_weights().tolist(),
             "band_stats": self.band_stats.to_dict(),
+            "in_chans": len(self.band_stats),
             "image_size": self.image_size,
             "bands": self.bands,
             "nodata": self.nodata,
             "value_columns": list(self.value_columns),
+            "n_features": self.n_features,
             "hours": self.hours,
         }
+
+    def image_fingerprints(self) -> list[Any]:
+        """Identity of every row's tile (for caches of image features)."""
+        self.setup()
+        return [None if p is None else file_fingerprint(p) for p in self.image_paths]
+
+    def set_load_images(self, load: bool) -> None:
+        """Decode tiles in the loaders (False when the model has cached image tokens)."""
+        self.setup()
+        for dataset in self._datasets.values():
+            dataset.load_images = load
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.info()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.classes = ClassList(tuple(state["classes"]))

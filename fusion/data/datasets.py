@@ -24,7 +24,8 @@ class PairedDataset(Dataset[Sample]):
     Each sample is a dict: ``image (C, S, S)`` float32 normalised, ``series (T, F)`` float32,
     ``series_mask (T,)`` bool, ``has_image``/``has_series`` bool scalars (False = that view is
     missing: its tensor is all zeros and must not be read as data), ``label`` int64 (-1 if
-    unlabelled) and ``index`` (the row in the manifest).
+    unlabelled) and ``index`` (the row in the manifest). With ``load_images`` False the image is
+    an empty tensor: tiles are not decoded when a frozen image encoder's tokens are cached.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class PairedDataset(Dataset[Sample]):
         self.image_size = image_size
         self.bands = None if bands is None else list(bands)
         self.nodata = nodata
+        self.load_images = True
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -58,7 +60,9 @@ class PairedDataset(Dataset[Sample]):
     def __getitem__(self, item: int) -> Sample:
         row = self.rows[item]
         path = self.images[row]
-        if path is None:
+        if not self.load_images:
+            image = torch.empty(0)  # the model has this tile's tokens cached
+        elif path is None:
             image = torch.zeros(len(self.stats), self.image_size, self.image_size)
         else:
             tile = read_tile(path, bands=self.bands, nodata=self.nodata)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from rich.table import Table
 
 from fusion.data.datamodule import FusionDataModule
 from fusion.data.tiles import read_tile
+from fusion.plots import save_figure
 
 
 def coverage_table(dm: FusionDataModule) -> pd.DataFrame:
@@ -108,16 +107,7 @@ def write_gallery(dm: FusionDataModule, path: Path) -> Path:
         ax_ser.set_xlabel("day of window")
         ax_ser.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gallery-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def inspect(dm: FusionDataModule, output: Path, console: Console | None = None) -> Path:

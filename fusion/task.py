@@ -1,0 +1,258 @@
+"""The Lightning task: trains both branches and the fusion module, and produces the class.
+
+One :class:`FusionTask` covers every variant (series-only BiLSTM baseline, image-only ViT, late
+concat, MsIFT, MBT early/mid/late) through its ``net`` settings (see
+:class:`fusion.models.classifier.FusionClassifier`). The checkpoint holds the class names, the
+normalisation statistics and the whole model config (``data_info`` and ``net``), so predicting
+needs nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
+from fusion.metrics import classification_metrics, plot_confusion
+from fusion.models.classifier import FusionClassifier
+
+Batch = dict[str, Tensor]
+
+
+class FusionTask(L.LightningModule):
+    """Cross-entropy training of a :class:`FusionClassifier` with OA / macro-F1 / kappa metrics.
+
+    Args:
+        data_info: facts about the data from :meth:`FusionDataModule.info` (classes, class
+            weights, band statistics, bands, tile size, series features); linked automatically by
+            the CLI.
+        net: keyword arguments of :class:`FusionClassifier` (everything but the data facts).
+        lr: learning rate of the new layers; ``backbone_lr`` of a trainable ViT, with
+            ``layer_decay`` per block below the top.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up, then cosine decay to zero at the end of training.
+        label_smoothing: cross-entropy label smoothing.
+        class_weights: weight the loss by inverse class frequency of the training rows.
+        modality_dropout: share of training samples that lose one view (image or series, half
+            each), so the model learns to predict from either view alone.
+        cache_dir: where frozen-ViT tokens are cached (default as the data cache; ``""`` off).
+    """
+
+    def __init__(
+        self,
+        data_info: dict[str, Any] | None = None,
+        net: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        backbone_lr: float = 1e-5,
+        layer_decay: float = 0.75,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        label_smoothing: float = 0.0,
+        class_weights: bool = True,
+        modality_dropout: float = 0.0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if data_info is None:
+            raise ValueError("data_info is required (the CLI links it from the datamodule)")
+        self.save_hyperparameters()
+        self.classes: list[str] = list(data_info["classes"])
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+        self._tokens: Tensor | None = None
+        self._tokens_key: str | None = None
+
+    # ------------------------------------------------------------------ configuration hooks
+    def configure_models(self) -> None:
+        info = self.hparams.data_info
+        net = dict(self.hparams.net or {})
+        self.net = FusionClassifier(
+            num_classes=len(self.classes),
+            in_chans=info["in_chans"],
+            n_features=info["n_features"],
+            n_counts=len(info["value_columns"]),
+            img_size=info["image_size"],
+            **net,
+        )
+
+    def configure_losses(self) -> None:
+        info = self.hparams.data_info
+        weights = info.get("class_weights") if self.hparams.class_weights else None
+        self.criterion = nn.CrossEntropyLoss(
+            weight=None if weights is None else torch.tensor(weights, dtype=torch.float32),
+            label_smoothing=self.hparams.label_smoothing,
+        )
+
+    def configure_metrics(self) -> None:
+        k = len(self.classes)
+        self.val_metrics = classification_metrics(k).clone(prefix="val/")
+        self.test_metrics = classification_metrics(k).clone(prefix="test/")
+
+    # ------------------------------------------------------------------ frozen image tokens
+    @property
+    def caches_image_tokens(self) -> bool:
+        encoder = self.net.image_encoder
+        return encoder is not None and encoder.frozen
+
+    def _ensure_image_tokens(self) -> None:
+        """Compute a frozen ViT's tokens once per tile (cached on disk); stop decoding tiles."""
+        if not self.caches_image_tokens or self.trainer is None:
+            return
+        dm = self.trainer.datamodule
+        weights = self.hparams.net.get("vit_weights", "hub") if self.hparams.net else "hub"
+        key = cache_key(
+            "vit-tokens-v1",
+            self.hparams.net,
+            self.hparams.data_info["band_stats"],
+            self.hparams.data_info["image_size"],
+            file_fingerprint(weights) if weights not in (None, "hub") else weights,
+            dm.image_fingerprints(),
+        )
+        if key != self._tokens_key:
+            arrays, _ = cached_arrays(
+                "vit-tokens",
+                key,
+                lambda: {"tokens": self._encode_all(dm)},
+                cache_dir=self.hparams.cache_dir,
+            )
+            self._tokens = torch.from_numpy(arrays["tokens"])
+            self._tokens_key = key
+        dm.set_load_images(False)
+
+    @torch.no_grad()
+    def _encode_all(self, dm: Any) -> np.ndarray:
+        """Tokens of every row's tile, ``(N, 1 + G*G, D)`` float16 (zeros where no tile)."""
+        from rich.progress import track
+
+        encoder = self.net.image_encoder
+        was_training = encoder.training
+        encoder.eval()
+        dataset = dm.dataset("all")
+        loader = DataLoader(dataset, batch_size=16, num_workers=0)
+        out = np.zeros((len(dataset), encoder.num_tokens, encoder.out_dim), dtype=np.float16)
+        for batch in track(loader, description="ViT tokens (frozen, cached)"):
+            tokens = encoder(batch["image"].to(self.device))[0]
+            out[batch["index"].numpy()] = tokens.cpu().numpy().astype(np.float16)
+        encoder.train(was_training)
+        return out
+
+    def on_fit_start(self) -> None:
+        self._ensure_image_tokens()
+
+    def on_validation_start(self) -> None:
+        self._ensure_image_tokens()
+
+    def on_test_start(self) -> None:
+        self._ensure_image_tokens()
+
+    def on_predict_start(self) -> None:
+        self._ensure_image_tokens()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: Batch) -> Tensor:
+        """Logits ``(B, K)`` for a batch from :class:`FusionDataModule`."""
+        tokens = None
+        if self._tokens is not None and batch["image"].numel() == 0:
+            tokens = self._tokens[batch["index"].cpu()].to(self.device, torch.float32)
+        return self.net(
+            image=batch["image"],
+            series=batch["series"],
+            series_mask=batch["series_mask"],
+            has_image=batch["has_image"],
+            has_series=batch["has_series"],
+            image_tokens=tokens,
+        )
+
+    def _drop_modalities(self, batch: Batch) -> Batch:
+        """Hide one view for ``modality_dropout`` of the samples (never both views)."""
+        p = self.hparams.modality_dropout
+        if p <= 0 or self.net.fusion_kind == "none":
+            return batch
+        draw = torch.rand(batch["has_image"].shape, device=self.device)
+        drop_image = (draw < p / 2) & batch["has_series"]
+        drop_series = (draw >= p / 2) & (draw < p) & batch["has_image"]
+        return {
+            **batch,
+            "has_image": batch["has_image"] & ~drop_image,
+            "has_series": batch["has_series"] & ~drop_series,
+        }
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        logits = self(self._drop_modalities(batch))
+        loss = self.criterion(logits, batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self(batch)
+        self.log("val/loss", self.criterion(logits, batch["label"]), batch_size=len(logits))
+        self.val_metrics.update(logits, batch["label"])
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self(batch)
+        self.log("test/loss", self.criterion(logits, batch["label"]), batch_size=len(logits))
+        self.test_metrics.update(logits, batch["label"])
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        probs = self(batch).softmax(dim=-1)
+        return {"index": batch["index"], "probs": probs, "pred": probs.argmax(dim=-1)}
+
+    def _log_metrics(self, metrics: Any, stage: str) -> dict[str, Tensor]:
+        values = metrics.compute()
+        metrics.reset()
+        scalars = {k: v for k, v in values.items() if v.ndim == 0}
+        for name, f1 in zip(self.classes, values[f"{stage}/f1_per_class"], strict=True):
+            scalars[f"{stage}/f1/{name}"] = f1
+        self.log_dict(scalars, prog_bar=stage == "val")
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        values = self._log_metrics(self.test_metrics, "test")
+        self.test_confusion = values["test/confusion"].cpu()
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        plot_confusion(
+            self.test_confusion,
+            self.classes,
+            folder / "confusion_test.png",
+            title=f"test: OA {values['test/OA']:.3f}, macro-F1 {values['test/macro_f1']:.3f}",
+        )
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        encoder = self.net.image_encoder
+        backbone = set()
+        groups: list[dict[str, Any]] = []
+        if encoder is not None and not encoder.frozen:
+            groups = encoder.param_groups(hp.backbone_lr, hp.layer_decay)
+            backbone = {id(p) for g in groups for p in g["params"]}
+        new = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone]
+        groups.append({"params": new, "lr": hp.lr, "name": "new"})
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = min(total - 1, int(hp.warmup_epochs * total / epochs))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
