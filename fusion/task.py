@@ -107,13 +107,14 @@ class FusionTask(L.LightningModule):
         if not self.caches_image_tokens or self.trainer is None:
             return
         dm = self.trainer.datamodule
-        weights = self.hparams.net.get("vit_weights", "hub") if self.hparams.net else "hub"
+        encoder = self.net.image_encoder
+        info = self.hparams.data_info
+        weights = encoder.weights
         key = cache_key(
             "vit-tokens-v1",
-            self.hparams.net,
-            self.hparams.data_info["band_stats"],
-            self.hparams.data_info["image_size"],
+            encoder.config,
             file_fingerprint(weights) if weights not in (None, "hub") else weights,
+            [info["band_stats"], info["bands"], info["nodata"]],
             dm.image_fingerprints(),
         )
         if key != self._tokens_key:

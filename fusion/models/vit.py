@@ -1,0 +1,149 @@
+"""Image branch: a pretrained timm Vision Transformer returning patch tokens and a pooled vector.
+
+Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words" (ViT); the default backbone is DINOv2
+ViT-S/14 (Oquab et al. 2023) as ``vit_small_patch14_dinov2``. timm adapts the patch embedding to
+band counts other than 3 and resamples the position embeddings to the tile size at load time.
+Weights come from a local file (``weights=PATH``, nothing is downloaded), from the Hugging Face hub
+(``weights="hub"``, for users who are online), or nowhere (``weights=None``, random init).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Freeze = Literal["all", "none"] | int
+# Parameters after the last block (trained with the full rate and not frozen by ``freeze=k``).
+_HEAD_PREFIXES = ("norm.", "fc_norm.", "head")
+
+
+class ViTEncoder(nn.Module):
+    """``(B, C, S, S)`` → ``tokens (B, 1 + G*G, D)`` (CLS + pooled patch grid), ``pooled (B, D)``.
+
+    Args:
+        name: timm model name (any ViT with ``forward_features`` returning prefix + patch tokens).
+        weights: local weights file, ``"hub"``, or ``None`` for random init.
+        in_chans: band count of the input tiles.
+        img_size: tile side in pixels (a multiple of the patch size).
+        freeze: ``"all"`` (frozen backbone), ``"none"`` (fully trained) or ``k`` (patch embedding
+            and the first ``k`` blocks frozen).
+        token_grid: average-pool the patch tokens to a ``G x G`` grid (``None`` keeps all of them);
+            fewer tokens make fusion cheaper and frozen tokens small enough to cache.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_small_patch14_dinov2",
+        weights: str | None = "hub",
+        in_chans: int = 3,
+        img_size: int = 224,
+        freeze: Freeze = "all",
+        token_grid: int | None = 4,
+    ) -> None:
+        super().__init__()
+        overlay = None
+        if weights not in (None, "hub"):
+            path = Path(weights)
+            if not path.is_file():
+                raise FileNotFoundError(f"ViT weights file not found: {path}")
+            overlay = {"file": str(path)}
+        self.backbone = timm.create_model(
+            name,
+            pretrained=weights is not None,
+            num_classes=0,
+            in_chans=in_chans,
+            img_size=img_size,
+            pretrained_cfg_overlay=overlay,
+        )
+        self.weights = weights
+        self.config = {
+            "name": name, "in_chans": in_chans, "img_size": img_size, "token_grid": token_grid,
+        }  # fmt: skip
+        self.out_dim: int = self.backbone.embed_dim
+        self.num_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
+        self.grid = tuple(self.backbone.patch_embed.grid_size)
+        self.token_grid = token_grid
+        self.freeze = freeze
+        self._apply_freeze()
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze == "all"
+
+    @property
+    def num_tokens(self) -> int:
+        patches = self.token_grid**2 if self.token_grid else self.grid[0] * self.grid[1]
+        return 1 + patches
+
+    def _apply_freeze(self) -> None:
+        if self.freeze == "none":
+            return
+        frozen_blocks = len(self.backbone.blocks) if self.freeze == "all" else int(self.freeze)
+        if not 0 <= frozen_blocks <= len(self.backbone.blocks):
+            raise ValueError(
+                f"freeze must be 'all', 'none' or 0..{len(self.backbone.blocks)}, got {self.freeze}"
+            )
+        for name, param in self.backbone.named_parameters():
+            block = _block_index(name)
+            if block is None:
+                # Embeddings are frozen with any frozen block; the final norm only with "all".
+                freeze = self.freeze == "all" or not name.startswith(_HEAD_PREFIXES)
+            else:
+                freeze = block < frozen_blocks
+            param.requires_grad_(not freeze)
+
+    def train(self, mode: bool = True) -> ViTEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # a frozen backbone keeps dropout/stochastic depth off
+        return self
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, S, S)`` → ``tokens (B, 1 + G*G, D)``, ``pooled (B, D)`` (the CLS token)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            feats = self.backbone.forward_features(images)
+        return self.pool_tokens(feats)
+
+    def pool_tokens(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone output ``(B, P + H*W, D)`` → CLS + pooled grid tokens, and the CLS vector."""
+        cls = feats[:, :1]
+        patches = feats[:, self.num_prefix :]
+        if self.token_grid:
+            b, _, d = patches.shape
+            grid = patches.transpose(1, 2).reshape(b, d, *self.grid)
+            patches = F.adaptive_avg_pool2d(grid, self.token_grid).flatten(2).transpose(1, 2)
+        return torch.cat([cls, patches], dim=1), cls[:, 0]
+
+    def param_groups(self, lr: float, layer_decay: float = 1.0) -> list[dict]:
+        """Trainable backbone parameters with layer-wise learning-rate decay.
+
+        Block ``i`` of ``L`` gets ``lr * layer_decay ** (L - i)``; embeddings get the smallest rate,
+        the final norm the full rate.
+        """
+        depth = len(self.backbone.blocks)
+        groups: dict[int, list[nn.Parameter]] = {}
+        for name, param in self.backbone.named_parameters():
+            if not param.requires_grad:
+                continue
+            block = _block_index(name)
+            if block is not None:
+                layer = block + 1
+            else:  # the final norm (not ``norm_pre``, which acts on the embeddings) gets full lr
+                layer = depth + 1 if name.startswith(_HEAD_PREFIXES) else 0
+            groups.setdefault(layer, []).append(param)
+        return [
+            {"params": params, "lr": lr * layer_decay ** (depth + 1 - k), "name": f"vit.{k}"}
+            for k, params in sorted(groups.items())
+        ]
+
+
+def _block_index(param_name: str) -> int | None:
+    """``blocks.7.attn.qkv.weight`` → 7; parameters outside the blocks → None."""
+    if param_name.startswith("blocks."):
+        return int(param_name.split(".")[1])
+    return None

@@ -1,0 +1,130 @@
+"""The fusion task on a small slice of the real benchmark: training, missing views, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fusion.cli import main
+from fusion.data.datamodule import FusionDataModule
+from fusion.task import FusionTask
+
+IMAGE_SIZE = 56  # 4x4 patches of 14 px: the real pretrained ViT, cheap on a CPU
+
+
+@pytest.fixture(scope="module")
+def small_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 train + 4 val rows per label of the real benchmark, paths made absolute."""
+    frame = pd.read_csv(shared_data / "paired" / "manifest.csv")
+    parts = [
+        frame[(frame["label"] == label) & (frame["split"] == split)].head(n)
+        for label in sorted(frame["label"].unique())
+        for split, n in (("train", 10), ("val", 4))
+    ]
+    small = pd.concat(parts)
+    small["image"] = [str(shared_data / p) for p in small["image"]]
+    path = tmp_path_factory.mktemp("small") / "manifest.csv"
+    small.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dm(small_manifest: Path, shared_data: Path, tmp_path_factory) -> FusionDataModule:
+    dm = FusionDataModule(
+        manifest=str(small_manifest),
+        series=str(shared_data / "footfall" / "counts.csv.gz"),
+        image_size=IMAGE_SIZE,
+        batch_size=30,
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    dm.setup()
+    return dm
+
+
+def net(vit_weights: Path, **kwargs) -> dict:
+    return {"vit_weights": str(vit_weights), "token_grid": 2, "fusion_dim": 32,
+            "series_dim": 32, "fusion_heads": 2, **kwargs}  # fmt: skip
+
+
+@pytest.mark.parametrize("fusion", ["mbt", "msift", "concat"])
+def test_few_steps_on_real_data_lower_the_loss(dm, vit_weights, fusion) -> None:
+    torch.manual_seed(0)
+    task = FusionTask(data_info=dm.info(), net=net(vit_weights, fusion=fusion), lr=3e-3)
+    batch = next(iter(dm.train_dataloader()))
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
+    task.train()
+    losses = []
+    for _ in range(12):
+        loss = task.criterion(task(batch), batch["label"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_one_view_missing_still_gives_a_distribution(dm, vit_weights) -> None:
+    torch.manual_seed(0)
+    task = FusionTask(data_info=dm.info(), net=net(vit_weights, fusion="mbt")).eval()
+    batch = next(iter(dm.val_dataloader()))
+    no_series = {**batch, "has_series": torch.zeros_like(batch["has_series"])}
+    no_image = {**batch, "has_image": torch.zeros_like(batch["has_image"])}
+    with torch.no_grad():
+        full = task(batch).softmax(-1)
+        for missing in (no_series, no_image):
+            probs = task(missing).softmax(-1)
+            assert torch.isfinite(probs).all()
+            assert torch.allclose(probs.sum(-1), torch.ones(len(probs)))
+            assert not torch.allclose(probs, full)  # the missing view really is replaced
+        # A missing series is never read: its values do not matter.
+        scrambled = {**no_series, "series": torch.randn_like(batch["series"]) * 50}
+        assert torch.allclose(task(scrambled), task(no_series))
+
+
+def test_modality_dropout_hides_exactly_one_view(dm, vit_weights) -> None:
+    task = FusionTask(data_info=dm.info(), net=net(vit_weights), modality_dropout=1.0)
+    batch = next(iter(dm.train_dataloader()))
+    dropped = task._drop_modalities(batch)
+    views = dropped["has_image"].int() + dropped["has_series"].int()
+    assert (views == 1).all()
+    assert 0 < dropped["has_image"].sum() < len(views)
+
+
+def test_single_branch_variants_need_no_fusion(dm, vit_weights) -> None:
+    series_only = FusionTask(data_info=dm.info(), net={"image": False, "fusion": "none"})
+    assert series_only.net.image_encoder is None and not series_only.caches_image_tokens
+    with pytest.raises(ValueError, match="needs both branches"):
+        FusionTask(data_info=dm.info(), net={"image": False, "fusion": "mbt"})
+
+
+def test_cli_fit_then_test_end_to_end(small_manifest, shared_data, vit_weights, tmp_path) -> None:
+    root = tmp_path / "run"
+    common = [
+        "--config", "configs/mbt_mid.yaml",
+        "--data.manifest", str(small_manifest),
+        "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
+        "--data.split", "manifest",
+        "--data.image_size", str(IMAGE_SIZE),
+        "--data.cache_dir", str(tmp_path / "cache"),
+        "--model.net.vit_weights", str(vit_weights),
+        "--model.net.token_grid", "2",
+        "--model.cache_dir", str(tmp_path / "cache"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger", "false",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(root / "ckpt"),
+        "--trainer.callbacks.filename", "final",
+    ]  # fmt: skip
+    assert main(["fit", *common, "--trainer.max_epochs", "2"]) == 0
+    ckpt = root / "ckpt" / "final.ckpt"
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")  # no pickled code needed
+    info = saved["hyper_parameters"]["data_info"]
+    assert info["classes"] == sorted(pd.read_csv(small_manifest)["label"].unique())
+    assert len(info["band_stats"]["mean"]) == 3 and info["hours"] == 672
+    assert saved["hyper_parameters"]["net"]["fusion"] == "mbt"
+    assert list((tmp_path / "cache").glob("vit-tokens-*.npz"))  # frozen ViT tokens cached
+    assert main(["test", *common, "--ckpt_path", str(ckpt)]) == 0
+    assert (root / "confusion_test.png").is_file()
