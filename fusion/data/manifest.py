@@ -8,7 +8,6 @@ that later checks can name them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -98,7 +97,10 @@ def check_manifest(frame: pd.DataFrame, path: Path, *, key_column: str) -> list[
 
 @dataclass(frozen=True)
 class ClassList:
-    """A fixed, ordered list of class names: the model's output index ``i`` is ``names[i]``."""
+    """A fixed, ordered list of class names: the model's output index ``i`` is ``names[i]``.
+
+    It is saved with every checkpoint (``data_info["classes"]``, also in the run's hparams.yaml).
+    """
 
     names: tuple[str, ...]
 
@@ -121,13 +123,6 @@ class ClassList:
 
     def index(self, label: str) -> int:
         return self.names.index(label)
-
-    def save(self, path: str | PathLike[str]) -> None:
-        Path(path).write_text(json.dumps({"classes": list(self.names)}, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | PathLike[str]) -> ClassList:
-        return cls(tuple(json.loads(Path(path).read_text())["classes"]))
 
 
 # Layout of the real-data bundle (``shared/data``): used only to fill in paths a user left out.
