@@ -71,6 +71,12 @@ def lightning_main(argv: list[str]) -> None:
                 "data", "model.data_info", compute_fn=lambda dm: dm.info(), apply_on="instantiate"
             )
 
+        def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            # Checkpoints are loaded as data only: never run pickled code from a file.
+            parser.set_defaults(weights_only=True)
+            return parser
+
     FusionCLI(
         FusionTask,
         FusionDataModule,

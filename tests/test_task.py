@@ -128,3 +128,23 @@ def test_cli_fit_then_test_end_to_end(small_manifest, shared_data, vit_weights, 
     assert list((tmp_path / "cache").glob("vit-tokens-*.npz"))  # frozen ViT tokens cached
     assert main(["test", *common, "--ckpt_path", str(ckpt)]) == 0
     assert (root / "confusion_test.png").is_file()
+
+
+class Payload:
+    """Unpickling this would run code: a checkpoint holding it must be refused."""
+
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_cli_refuses_checkpoints_with_pickled_code(
+    small_manifest: Path, shared_data: Path, tmp_path: Path, capsys
+) -> None:
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, bad)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        main(["test", "--config", "configs/bilstm.yaml", "--ckpt_path", str(bad),
+              "--data.manifest", str(small_manifest), "--data.split", "manifest",
+              "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
+              "--data.cache_dir", str(tmp_path), "--trainer.logger", "false"])  # fmt: skip
+    assert "pickled code ran" not in capsys.readouterr().out
