@@ -142,7 +142,7 @@ def test_cli_refuses_checkpoints_with_pickled_code(
 ) -> None:
     bad = tmp_path / "bad.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, bad)
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed|Unsupported global"):
         main(["test", "--config", "configs/bilstm.yaml", "--ckpt_path", str(bad),
               "--data.manifest", str(small_manifest), "--data.split", "manifest",
               "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
