@@ -114,12 +114,10 @@ def test_cli_fit_then_test_end_to_end(small_manifest, shared_data, vit_weights, 
         "--model.cache_dir", str(tmp_path / "cache"),
         "--trainer.default_root_dir", str(root),
         "--trainer.logger", "false",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath", str(root / "ckpt"),
-        "--trainer.callbacks.filename", "final",
+        "--trainer.callbacks.dirpath", str(root / "ckpt"),  # the config's ModelCheckpoint
     ]  # fmt: skip
     assert main(["fit", *common, "--trainer.max_epochs", "2"]) == 0
-    ckpt = root / "ckpt" / "final.ckpt"
+    ckpt = root / "ckpt" / "best.ckpt"
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")  # no pickled code needed
     info = saved["hyper_parameters"]["data_info"]
     assert info["classes"] == sorted(pd.read_csv(small_manifest)["label"].unique())
