@@ -137,7 +137,9 @@ class FusionTask(L.LightningModule):
         was_training = encoder.training
         encoder.eval()
         dataset = dm.dataset("all")
-        loader = DataLoader(dataset, batch_size=16, num_workers=0)
+        # Its own generator: computing tokens must not move the global RNG, or a run with a cold
+        # cache would train differently from the same run with a warm one.
+        loader = DataLoader(dataset, batch_size=16, generator=torch.Generator().manual_seed(0))
         out = np.zeros((len(dataset), encoder.num_tokens, encoder.out_dim), dtype=np.float16)
         for batch in track(loader, description="ViT tokens (frozen, cached)"):
             tokens = encoder(batch["image"].to(self.device))[0]

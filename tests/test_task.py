@@ -146,3 +146,13 @@ def test_cli_refuses_checkpoints_with_pickled_code(
               "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
               "--data.cache_dir", str(tmp_path), "--trainer.logger", "false"])  # fmt: skip
     assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_computing_image_tokens_leaves_the_global_rng_alone(dm, vit_weights) -> None:
+    task = FusionTask(data_info=dm.info(), net=net(vit_weights))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tokens = task._encode_all(dm)
+    assert tokens.shape == (len(dm.dataset("all")), 1 + 2 * 2, 384)
+    assert torch.equal(torch.rand(3), expected)
