@@ -37,6 +37,51 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="results/inspect", help="folder for gallery.png")
 
 
+def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per setting")
+    common.add_argument("--output", required=True, type=Path, help="results folder")
+    common.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="after --: settings passed to every run, e.g. -- --trainer.max_epochs 5",
+    )
+    p = sub.add_parser(
+        "ablate", parents=[common], help="train+test each MBT fusion depth over seeds"
+    )
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--depths", nargs="+", default=["early", "mid", "late"])
+    p = sub.add_parser(
+        "compare", parents=[common], help="train+test models over seeds, against a baseline"
+    )
+    p.add_argument("--configs", nargs="+", required=True, help="names in configs/ or YAML paths")
+    p.add_argument("--baseline", default="bilstm")
+    p = sub.add_parser("report", help="write the README's Results section from result folders")
+    p.add_argument("--ablation", type=Path)
+    p.add_argument("--compare", type=Path)
+    p.add_argument("--readme", type=Path, default=Path("README.md"))
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from fusion import experiments
+
+    overrides = [a for a in (getattr(args, "overrides", None) or []) if a != "--"]
+    if args.command == "ablate":
+        args.output.mkdir(parents=True, exist_ok=True)
+        experiments.ablate(args.config, args.depths, args.seeds, args.output, overrides)
+        print((args.output / "summary.md").read_text())
+    elif args.command == "compare":
+        args.output.mkdir(parents=True, exist_ok=True)
+        experiments.compare(
+            args.configs, args.seeds, args.output, baseline=args.baseline, overrides=overrides
+        )
+        print((args.output / "summary.md").read_text())
+    else:
+        experiments.write_readme_results(args.readme, args.ablation, args.compare)
+        print(f"updated the Results section of {args.readme}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from fusion.data.datamodule import FusionDataModule
     from fusion.data.inspect import inspect
@@ -56,8 +101,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def lightning_main(argv: list[str]) -> None:
-    """``fusion fit|validate|test|predict ...`` through Lightning's CLI."""
+def build_cli(argv: list[str], run: bool = True):
+    """Lightning's CLI over :class:`FusionTask` and :class:`FusionDataModule`.
+
+    ``run=False`` parses and instantiates only (``argv`` without a subcommand); the caller drives
+    ``cli.trainer``, ``cli.model`` and ``cli.datamodule`` (see :mod:`fusion.experiments`).
+    """
     from lightning.pytorch.cli import LightningCLI
 
     from fusion.data.datamodule import FusionDataModule
@@ -77,10 +126,11 @@ def lightning_main(argv: list[str]) -> None:
             parser.set_defaults(weights_only=True)
             return parser
 
-    FusionCLI(
+    return FusionCLI(
         FusionTask,
         FusionDataModule,
         args=argv,
+        run=run,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
@@ -92,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
-            lightning_main(argv)
+            build_cli(argv)
             return 0
         parser = argparse.ArgumentParser(
             prog="fusion",
@@ -101,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         sub = parser.add_subparsers(dest="command", required=True)
         _data_parser(sub)
+        _experiment_parsers(sub)
         args = parser.parse_args(argv)
-        return _inspect(args)
+        return _inspect(args) if args.command == "data" else _experiment(args)
     except (InputError, InputErrors) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -204,6 +205,10 @@ class FusionTask(L.LightningModule):
         logits = self(batch)
         self.log("test/loss", self.criterion(logits, batch["label"]), batch_size=len(logits))
         self.test_metrics.update(logits, batch["label"])
+        self._test_rows.append((batch["index"].cpu(), batch["label"].cpu(), logits.detach().cpu()))
+
+    def on_test_epoch_start(self) -> None:
+        self._test_rows: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         probs = self(batch).softmax(dim=-1)
@@ -225,12 +230,29 @@ class FusionTask(L.LightningModule):
         values = self._log_metrics(self.test_metrics, "test")
         self.test_confusion = values["test/confusion"].cpu()
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        self.test_predictions = self._predictions_frame()
+        self.test_predictions.to_csv(folder / "predictions_test.csv", index=False)
         plot_confusion(
             self.test_confusion,
             self.classes,
             folder / "confusion_test.png",
             title=f"test: OA {values['test/OA']:.3f}, macro-F1 {values['test/macro_f1']:.3f}",
         )
+
+    def _predictions_frame(self) -> pd.DataFrame:
+        """One row per tested sample: manifest row, true and predicted class, probabilities."""
+        index, label, logits = (torch.cat(parts) for parts in zip(*self._test_rows, strict=True))
+        probs = logits.float().softmax(dim=-1).numpy()
+        frame = pd.DataFrame(
+            {
+                "row": index.numpy(),
+                "label": [self.classes[i] for i in label.tolist()],
+                "pred": [self.classes[i] for i in probs.argmax(axis=1)],
+            }
+        )
+        for k, name in enumerate(self.classes):
+            frame[f"p_{name}"] = probs[:, k]
+        return frame
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

@@ -126,6 +126,10 @@ def test_cli_fit_then_test_end_to_end(small_manifest, shared_data, vit_weights, 
     assert list((tmp_path / "cache").glob("vit-tokens-*.npz"))  # frozen ViT tokens cached
     assert main(["test", *common, "--ckpt_path", str(ckpt)]) == 0
     assert (root / "confusion_test.png").is_file()
+    predictions = pd.read_csv(root / "predictions_test.csv")
+    assert len(predictions) == 6 * 4  # the val rows (the manifest has no test rows)
+    probs = predictions.filter(like="p_").to_numpy()
+    assert probs.shape[1] == 6 and abs(probs.sum(axis=1) - 1).max() < 1e-5
 
 
 class Payload:
