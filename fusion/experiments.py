@@ -11,9 +11,7 @@ Outputs per experiment: ``results.csv`` (a row per run), ``summary.md`` (mean ±
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from fusion.io import atomic_path
 from fusion.metrics import draw_confusion
 from fusion.plots import save_figure
 
@@ -95,10 +94,8 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _table(rows: list[dict[str, Any]], key: str) -> pd.DataFrame:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fusion.io import atomic_path
 
 
 def default_cache_dir() -> Path:
@@ -55,13 +56,6 @@ def cached_arrays(
         with np.load(target, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}, True
     arrays = build()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp:
+        np.savez(tmp, **arrays)
     return arrays, False
