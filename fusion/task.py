@@ -70,6 +70,7 @@ class FusionTask(L.LightningModule):
         self.configure_metrics()
         self._tokens: Tensor | None = None
         self._tokens_key: str | None = None
+        self._tokens_dm: Any = None
 
     # ------------------------------------------------------------------ configuration hooks
     def configure_models(self) -> None:
@@ -108,6 +109,8 @@ class FusionTask(L.LightningModule):
         if not self.caches_image_tokens or self.trainer is None:
             return
         dm = self.trainer.datamodule
+        if self._tokens is not None and self._tokens_dm is dm:
+            return  # every validation epoch lands here: no re-hashing of the tiles
         encoder = self.net.image_encoder
         info = self.hparams.data_info
         weights = encoder.weights
@@ -127,6 +130,7 @@ class FusionTask(L.LightningModule):
             )
             self._tokens = torch.from_numpy(arrays["tokens"])
             self._tokens_key = key
+        self._tokens_dm = dm
         dm.set_load_images(False)
 
     @torch.no_grad()

@@ -111,6 +111,8 @@ class FusionDataModule(L.LightningDataModule):
         self.band_stats: BandStats | None = None
         self.frame: pd.DataFrame | None = None
         self.splits: np.ndarray | None = None
+        # Labels with a single place: a place-disjoint split cannot hold them out.
+        self.unseen_labels: list[str] = []
         self._datasets: dict[str, PairedDataset] = {}
 
     # ------------------------------------------------------------------ preparation

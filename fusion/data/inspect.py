@@ -61,7 +61,7 @@ def _rich(frame: pd.DataFrame, title: str, index: bool = True) -> Table:
     return table
 
 
-def _display_rgb(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def display_rgb(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """``(C, H, W)`` raw tile → ``(H, W, 3)`` in [0, 1], 2-98 percentile stretch per band."""
     bands = data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
     out = np.zeros(bands.shape, dtype=np.float32)
@@ -91,7 +91,7 @@ def write_gallery(dm: FusionDataModule, path: Path) -> Path:
         sid = dm.frame["sample_id"].iloc[row]
         if dm.image_paths[row] is not None:
             tile = read_tile(dm.image_paths[row], bands=dm.bands, nodata=dm.nodata)
-            ax_img.imshow(_display_rgb(tile.data, tile.valid))
+            ax_img.imshow(display_rgb(tile.data, tile.valid))
         ax_img.set_title(f"{name}\n{sid}", fontsize=9)
         if dm.series.present[row]:
             values = dm.series.features[row, :, 0].astype(float)
