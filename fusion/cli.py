@@ -1,8 +1,11 @@
 """The ``fusion`` command line.
 
-- ``fusion fit|validate|test|predict --config configs/NAME.yaml``: Lightning's CLI over
+- ``fusion fit|validate|test --config configs/NAME.yaml``: Lightning's CLI over
   :class:`fusion.task.FusionTask` and :class:`fusion.data.datamodule.FusionDataModule`.
+- ``fusion predict --ckpt_path MODEL.ckpt (--manifest CSV | --raster TIF --regions GPKG)
+  --output FILE``: a trained model on new places (:mod:`fusion.predict`).
 - ``fusion data inspect --manifest FILE``: what a manifest holds, as tables and a gallery.
+- ``fusion ablate|compare|report``: experiments over seeds (:mod:`fusion.experiments`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from rich.console import Console
 
 from fusion.errors import InputError, InputErrors
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 def _data_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +38,89 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-present", type=float, default=0.5)
     p.add_argument("--split", choices=["manifest", "stratified", "place"], default="manifest")
     p.add_argument("--output", default="results/inspect", help="folder for gallery.png")
+
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="a trained model on new places: a manifest -> CSV, or a raster + regions -> "
+        "GeoPackage + PNG map",
+        description="Classes, normalisation, bands, tile size and window length come from the "
+        "checkpoint. A sample missing one view is predicted from the other (flagged); one with "
+        "neither is listed as skipped.",
+    )
+    p.add_argument("--ckpt_path", "--ckpt-path", required=True, type=Path)
+    p.add_argument("--output", required=True, type=Path, help=".csv, or .gpkg for regions")
+    pairs = p.add_argument_group("pairs listed like the training manifest")
+    pairs.add_argument("--manifest", type=Path)
+    pairs.add_argument("--image-root", type=Path, help="folder of relative image paths")
+    pairs.add_argument("--split", help="only the rows of this split (train, val or test)")
+    regions = p.add_argument_group("a raster cut along region polygons")
+    regions.add_argument("--raster", type=Path)
+    regions.add_argument("--regions", type=Path, help="polygon layer (GeoPackage, shapefile ...)")
+    regions.add_argument("--layer", help="layer of the regions file")
+    regions.add_argument("--id-column", default="region_id")
+    regions.add_argument("--key", help="column of the regions naming their series")
+    regions.add_argument("--start", help="first hour of every region's window (ISO 8601)")
+    regions.add_argument("--hours", type=int, help="window length (must be the model's)")
+    p.add_argument("--series", type=Path, help="activity table of the new places")
+    p.add_argument("--timezone", help="IANA zone for naive timestamps (default: the model's)")
+    p.add_argument("--bands", type=int, nargs="+", help="1-based bands (default: the model's)")
+    p.add_argument(
+        "--min-valid",
+        type=float,
+        default=0.5,
+        help="least share of a tile or region with data for its image to be used (default 0.5)",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import dataclasses
+
+    import torch
+
+    from fusion.predict import ManifestSamples, RegionSamples, load_model, predict
+
+    if (args.manifest is None) == (args.raster is None):
+        parser.error("predict needs either --manifest or --raster with --regions")
+    if args.raster is not None and args.regions is None:
+        parser.error("--raster needs --regions")
+    task, inputs = load_model(args.ckpt_path)
+    if args.bands:
+        inputs = dataclasses.replace(inputs, bands=args.bands)
+    if args.manifest is not None:
+        samples: ManifestSamples | RegionSamples = ManifestSamples(
+            args.manifest, inputs, series=args.series, image_root=args.image_root,
+            split=args.split, timezone=args.timezone, min_valid=args.min_valid,
+        )  # fmt: skip
+    else:
+        samples = RegionSamples(
+            args.raster, args.regions, inputs, id_column=args.id_column, layer=args.layer,
+            series=args.series, key=args.key, start=args.start, hours=args.hours,
+            timezone=args.timezone, min_valid=args.min_valid,
+        )  # fmt: skip
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = predict(
+        task, inputs, samples, args.output, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=device,
+    )  # fmt: skip
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts().items()))
+    print(f"wrote {result.output} ({len(result.pred)} rows; {counts})")
+    if result.map is not None:
+        print(f"wrote {result.map}")
+    if result.metrics:
+        m = result.metrics
+        print(
+            f"{m['n']} labelled rows: OA {m['OA']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+            f"kappa {m['kappa']:.4f}  ECE {m['ece']:.4f} -> {m['ece_calibrated']:.4f} "
+            f"calibrated (T={task.temperature.item():.3f})"
+        )
+    return 0
 
 
 def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
@@ -151,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         sub = parser.add_subparsers(dest="command", required=True)
         _data_parser(sub)
+        _predict_parser(sub)
         _experiment_parsers(sub)
         args = parser.parse_args(argv)
+        if args.command == "predict":
+            return _predict(args, sub.choices["predict"])
         return _inspect(args) if args.command == "data" else _experiment(args)
     except (InputError, InputErrors) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)

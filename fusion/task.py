@@ -17,9 +17,11 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fusion.calibration import calibrate, expected_calibration_error
 from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
 from fusion.metrics import classification_metrics, plot_confusion
 from fusion.models.classifier import FusionClassifier
@@ -71,6 +73,10 @@ class FusionTask(L.LightningModule):
         self._tokens: Tensor | None = None
         self._tokens_key: str | None = None
         self._tokens_dm: Any = None
+        # Softmax temperature fitted on the validation split after each validation epoch of
+        # training (Guo et al. 2017), so every checkpoint carries its own calibration.
+        self.register_buffer("temperature", torch.ones(()))
+        self._val_rows: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ configuration hooks
     def configure_models(self) -> None:
@@ -118,7 +124,7 @@ class FusionTask(L.LightningModule):
             "vit-tokens-v1",
             encoder.config,
             file_fingerprint(weights) if weights not in (None, "hub") else weights,
-            [info["band_stats"], info["bands"], info["nodata"]],
+            [dm.band_stats.to_dict(), info["bands"], info["nodata"]],
             dm.image_fingerprints(),
         )
         if key != self._tokens_key:
@@ -147,7 +153,7 @@ class FusionTask(L.LightningModule):
         loader = DataLoader(dataset, batch_size=16, generator=torch.Generator().manual_seed(0))
         out = np.zeros((len(dataset), encoder.num_tokens, encoder.out_dim), dtype=np.float16)
         for batch in track(loader, description="ViT tokens (frozen, cached)"):
-            tokens = encoder(batch["image"].to(self.device))[0]
+            tokens = self.image_tokens(batch["image"].to(self.device))
             out[batch["index"].numpy()] = tokens.cpu().numpy().astype(np.float16)
         encoder.train(was_training)
         return out
@@ -161,15 +167,26 @@ class FusionTask(L.LightningModule):
     def on_test_start(self) -> None:
         self._ensure_image_tokens()
 
-    def on_predict_start(self) -> None:
-        self._ensure_image_tokens()
-
     # ------------------------------------------------------------------ forward
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """ViT tokens ``(B, 1 + G*G, D)`` of ``images (B, C, S, S)``.
+
+        A frozen ViT's tokens are rounded to float16, as they are cached, so a model gives the
+        same outputs whether its tokens come from the cache (fit, test) or are computed on the
+        spot (``fusion predict``).
+        """
+        encoder = self.net.image_encoder
+        assert encoder is not None
+        tokens = encoder(images)[0]
+        return tokens.half().to(tokens.dtype) if encoder.frozen else tokens
+
     def forward(self, batch: Batch) -> Tensor:
         """Logits ``(B, K)`` for a batch from :class:`FusionDataModule`."""
         tokens = None
         if self._tokens is not None and batch["image"].numel() == 0:
             tokens = self._tokens[batch["index"].cpu()].to(self.device, torch.float32)
+        elif self.net.image_encoder is not None:
+            tokens = self.image_tokens(batch["image"])
         return self.net(
             image=batch["image"],
             series=batch["series"],
@@ -204,6 +221,7 @@ class FusionTask(L.LightningModule):
         logits = self(batch)
         self.log("val/loss", self.criterion(logits, batch["label"]), batch_size=len(logits))
         self.val_metrics.update(logits, batch["label"])
+        self._val_rows.append((logits.detach().float().cpu(), batch["label"].cpu()))
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self(batch)
@@ -214,9 +232,11 @@ class FusionTask(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test_rows: list[tuple[Tensor, Tensor, Tensor]] = []
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        probs = self(batch).softmax(dim=-1)
-        return {"index": batch["index"], "probs": probs, "pred": probs.argmax(dim=-1)}
+    def predict_step(self, batch: Batch, batch_idx: int = 0) -> dict[str, Tensor]:
+        """Raw ``logits (B, K)``, calibrated ``probs (B, K)`` and ``pred (B,)`` of a batch."""
+        logits = self(batch)
+        probs = (logits.float() / self.temperature).softmax(dim=-1)
+        return {"index": batch["index"], "logits": logits, "probs": probs, "pred": probs.argmax(-1)}
 
     def _log_metrics(self, metrics: Any, stage: str) -> dict[str, Tensor]:
         values = metrics.compute()
@@ -227,13 +247,42 @@ class FusionTask(L.LightningModule):
         self.log_dict(scalars, prog_bar=stage == "val")
         return values
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        if self.trainer.sanity_checking or not fitting or not self._val_rows:
+            return  # the temperature is fitted while training only, on full validation epochs
+        logits, labels = (torch.cat(parts) for parts in zip(*self._val_rows, strict=True))
+        fitted = calibrate(logits, labels)
+        self.temperature.fill_(fitted.temperature)
+        self.log_dict(
+            {
+                "val/temperature": fitted.temperature,
+                "val/ece": fitted.ece_before,
+                "val/ece_calibrated": fitted.ece_after,
+            }
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints from before calibration existed predict with temperature 1.
+        checkpoint["state_dict"].setdefault("temperature", torch.ones(()))
 
     def on_test_epoch_end(self) -> None:
         values = self._log_metrics(self.test_metrics, "test")
         self.test_confusion = values["test/confusion"].cpu()
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        _, labels, logits = (torch.cat(parts) for parts in zip(*self._test_rows, strict=True))
+        self.log_dict(
+            {
+                "test/ece": expected_calibration_error(logits.float().softmax(-1), labels),
+                "test/ece_calibrated": expected_calibration_error(
+                    (logits.float() / self.temperature.cpu()).softmax(-1), labels
+                ),
+            }
+        )
         self.test_predictions = self._predictions_frame()
         self.test_predictions.to_csv(folder / "predictions_test.csv", index=False)
         plot_confusion(
@@ -246,7 +295,7 @@ class FusionTask(L.LightningModule):
     def _predictions_frame(self) -> pd.DataFrame:
         """One row per tested sample: manifest row, true and predicted class, probabilities."""
         index, label, logits = (torch.cat(parts) for parts in zip(*self._test_rows, strict=True))
-        probs = logits.float().softmax(dim=-1).numpy()
+        probs = (logits.float() / self.temperature.cpu()).softmax(dim=-1).numpy()
         frame = pd.DataFrame(
             {
                 "row": index.numpy(),

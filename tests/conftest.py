@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,3 +26,60 @@ def shared_data() -> Path:
 def vit_weights() -> Path:
     assert WEIGHTS.is_file(), f"pretrained ViT weights not found at {WEIGHTS}"
     return WEIGHTS
+
+
+IMAGE_SIZE = 56  # 4x4 patches of 14 px: the real pretrained ViT, cheap on a CPU
+
+
+@pytest.fixture(scope="session")
+def small_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 train + 4 val rows per label of the real benchmark, paths made absolute."""
+    frame = pd.read_csv(shared_data / "paired" / "manifest.csv")
+    parts = [
+        frame[(frame["label"] == label) & (frame["split"] == split)].head(n)
+        for label in sorted(frame["label"].unique())
+        for split, n in (("train", 10), ("val", 4))
+    ]
+    small = pd.concat(parts)
+    small["image"] = [str(shared_data / p) for p in small["image"]]
+    path = tmp_path_factory.mktemp("small") / "manifest.csv"
+    small.to_csv(path, index=False)
+    return path
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A small MBT model fitted (2 epochs) and tested through the CLI on the real benchmark."""
+
+    root: Path  # trainer folder: predictions_test.csv, confusion_test.png
+    ckpt: Path  # best checkpoint
+    args: list[str]  # the settings fit and test ran with (after the subcommand)
+    cache: Path
+
+
+@pytest.fixture(scope="session")
+def trained_run(
+    small_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path_factory
+) -> TrainedRun:
+    from fusion.cli import main
+
+    root = tmp_path_factory.mktemp("run")
+    cache = root / "cache"
+    args = [
+        "--config", "configs/mbt_mid.yaml",
+        "--data.manifest", str(small_manifest),
+        "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
+        "--data.split", "manifest",
+        "--data.image_size", str(IMAGE_SIZE),
+        "--data.cache_dir", str(cache),
+        "--model.net.vit_weights", str(vit_weights),
+        "--model.net.token_grid", "2",
+        "--model.cache_dir", str(cache),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger", "false",
+        "--trainer.callbacks.dirpath", str(root / "ckpt"),  # the config's ModelCheckpoint
+    ]  # fmt: skip
+    assert main(["fit", *args, "--trainer.max_epochs", "2"]) == 0
+    ckpt = root / "ckpt" / "best.ckpt"
+    assert main(["test", *args, "--ckpt_path", str(ckpt)]) == 0
+    return TrainedRun(root=root, ckpt=ckpt, args=args, cache=cache)

@@ -11,24 +11,7 @@ import torch
 from fusion.cli import main
 from fusion.data.datamodule import FusionDataModule
 from fusion.task import FusionTask
-
-IMAGE_SIZE = 56  # 4x4 patches of 14 px: the real pretrained ViT, cheap on a CPU
-
-
-@pytest.fixture(scope="module")
-def small_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """10 train + 4 val rows per label of the real benchmark, paths made absolute."""
-    frame = pd.read_csv(shared_data / "paired" / "manifest.csv")
-    parts = [
-        frame[(frame["label"] == label) & (frame["split"] == split)].head(n)
-        for label in sorted(frame["label"].unique())
-        for split, n in (("train", 10), ("val", 4))
-    ]
-    small = pd.concat(parts)
-    small["image"] = [str(shared_data / p) for p in small["image"]]
-    path = tmp_path_factory.mktemp("small") / "manifest.csv"
-    small.to_csv(path, index=False)
-    return path
+from tests.conftest import IMAGE_SIZE, TrainedRun
 
 
 @pytest.fixture(scope="module")
@@ -100,33 +83,18 @@ def test_single_branch_variants_need_no_fusion(dm, vit_weights) -> None:
         FusionTask(data_info=dm.info(), net={"image": False, "fusion": "mbt"})
 
 
-def test_cli_fit_then_test_end_to_end(small_manifest, shared_data, vit_weights, tmp_path) -> None:
-    root = tmp_path / "run"
-    common = [
-        "--config", "configs/mbt_mid.yaml",
-        "--data.manifest", str(small_manifest),
-        "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
-        "--data.split", "manifest",
-        "--data.image_size", str(IMAGE_SIZE),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--model.net.vit_weights", str(vit_weights),
-        "--model.net.token_grid", "2",
-        "--model.cache_dir", str(tmp_path / "cache"),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger", "false",
-        "--trainer.callbacks.dirpath", str(root / "ckpt"),  # the config's ModelCheckpoint
-    ]  # fmt: skip
-    assert main(["fit", *common, "--trainer.max_epochs", "2"]) == 0
-    ckpt = root / "ckpt" / "best.ckpt"
-    saved = torch.load(ckpt, weights_only=True, map_location="cpu")  # no pickled code needed
+def test_cli_fit_then_test_end_to_end(trained_run: TrainedRun, small_manifest: Path) -> None:
+    saved = torch.load(trained_run.ckpt, weights_only=True, map_location="cpu")  # data only
     info = saved["hyper_parameters"]["data_info"]
     assert info["classes"] == sorted(pd.read_csv(small_manifest)["label"].unique())
     assert len(info["band_stats"]["mean"]) == 3 and info["hours"] == 672
     assert saved["hyper_parameters"]["net"]["fusion"] == "mbt"
-    assert list((tmp_path / "cache").glob("vit-tokens-*.npz"))  # frozen ViT tokens cached
-    assert main(["test", *common, "--ckpt_path", str(ckpt)]) == 0
-    assert (root / "confusion_test.png").is_file()
-    predictions = pd.read_csv(root / "predictions_test.csv")
+    assert list(trained_run.cache.glob("vit-tokens-*.npz"))  # frozen ViT tokens cached
+    # A temperature was fitted on the val rows and saved with the weights.
+    temperature = float(saved["state_dict"]["temperature"])
+    assert 0.05 <= temperature <= 20 and temperature != 1.0
+    assert (trained_run.root / "confusion_test.png").is_file()
+    predictions = pd.read_csv(trained_run.root / "predictions_test.csv")
     assert len(predictions) == 6 * 4  # the val rows (the manifest has no test rows)
     probs = predictions.filter(like="p_").to_numpy()
     assert probs.shape[1] == 6 and abs(probs.sum(axis=1) - 1).max() < 1e-5

@@ -341,9 +341,6 @@ class FusionDataModule(L.LightningDataModule):
         rank_zero_warn(f"{self.manifest_path} has no test rows: testing on the val rows")
         return self._loader("val", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
     # ------------------------------------------------------------------ saved with the model
     def info(self) -> dict[str, Any]:
         """What a model needs to know about the data, in plain types (saved in checkpoints)."""
@@ -377,5 +374,16 @@ class FusionDataModule(L.LightningDataModule):
         return self.info()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.classes = ClassList(tuple(state["classes"]))
+        """Take the classes and band statistics of a checkpoint (Lightning calls this after
+        ``setup`` when testing a checkpoint: the built datasets switch to its statistics)."""
+        classes = ClassList(tuple(state["classes"]))
+        if self.classes is not None and self.classes != classes:
+            raise InputError(
+                f"the checkpoint's classes {list(classes.names)} differ from the data's "
+                f"{list(self.classes.names)}: pass data.classes to fix the class list",
+                file=self.manifest_path,
+            )
+        self.classes = classes
         self.band_stats = BandStats.from_dict(state["band_stats"])
+        for dataset in self._datasets.values():
+            dataset.stats = self.band_stats

@@ -60,11 +60,13 @@ def load_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -
     return frame
 
 
-def check_manifest(frame: pd.DataFrame, path: Path, *, key_column: str) -> list[InputError]:
+def check_manifest(
+    frame: pd.DataFrame, path: Path, *, key_column: str, require_view: bool = True
+) -> list[InputError]:
     """Every row problem in a loaded manifest.
 
-    Empty or duplicate ``sample_id``, bad ``hours``, empty ``start``, unknown ``split``, and rows
-    with neither an image nor a series key.
+    Empty or duplicate ``sample_id``, bad ``hours``, empty ``start``, unknown ``split``, and (with
+    ``require_view``) rows with neither an image nor a series key.
     """
     problems: list[InputError] = []
     first_line: dict[str, int] = {}
@@ -82,7 +84,7 @@ def check_manifest(frame: pd.DataFrame, path: Path, *, key_column: str) -> list[
             problem("sample_id", f"duplicate sample_id '{sid}' (first on line {first_line[sid]})")
         else:
             first_line[sid] = line
-        if not row["image"] and not row[key_column]:
+        if require_view and not row["image"] and not row[key_column]:
             problem("image", f"neither an image nor a '{key_column}': nothing to classify")
         if row[key_column]:
             if row["hours"] <= 0:

@@ -77,8 +77,10 @@ class RegionRaster:
             )
         self.crs: str = raster_crs.to_string()
 
-        regions = _read_regions(self.regions_path, layer)
+        regions = _read_regions(self.regions_path, layer).reset_index(drop=True)
         self.ids: list[Any] = self._check_ids(regions)
+        # The layer as read (its own CRS and attributes), for outputs that keep the regions.
+        self.frame: gpd.GeoDataFrame = regions
         if regions.crs is None:
             raise InputError(
                 "regions have no CRS (cannot place them on the raster)", file=regions_path
@@ -132,6 +134,16 @@ class RegionRaster:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def pixel_area(self) -> float:
+        """Area of one pixel in the raster CRS's units."""
+        return abs(self._transform.a * self._transform.e - self._transform.b * self._transform.d)
+
+    @property
+    def band_count(self) -> int:
+        """Bands each tile has (after the ``bands`` selection)."""
+        return len(self._indexes)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from rasterio.crs import CRS
+from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
@@ -134,17 +135,21 @@ def read_bands(
     *,
     nodata: float | None = None,
     window: Window | None = None,
+    out_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bands of an open raster: data ``(C, H, W)`` float32 and valid ``(H, W)`` bool.
 
     With ``nodata`` given, it replaces the file's nodata; otherwise the file's masks (nodata value,
     mask band, alpha) decide. A pixel is valid only if every selected band holds data there.
+    ``out_shape`` ``(H, W)`` reads decimated (nearest neighbour, so nodata values stay exact).
     """
+    shape = None if out_shape is None else (len(indexes), *out_shape)
+    sampling = {"out_shape": shape, "resampling": Resampling.nearest} if shape else {}
     try:
-        raw = src.read(indexes, window=window)
+        raw = src.read(indexes, window=window, **sampling)
         valid = _valid_mask(raw, nodata)
         if nodata is None:
-            valid &= np.all(src.read_masks(indexes, window=window) > 0, axis=0)
+            valid &= np.all(src.read_masks(indexes, window=window, **sampling) > 0, axis=0)
     except RasterioError as exc:
         raise InputError(f"cannot read image: {_reason(exc)}", file=src.name) from exc
     return raw.astype(np.float32), valid

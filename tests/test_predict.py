@@ -1,0 +1,269 @@
+"""``fusion predict``: a checkpoint alone on new pairs (manifest) and on a real raster + regions."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from shapely.affinity import translate
+
+from fusion.cli import main
+from fusion.errors import InputError, InputErrors
+from fusion.predict import (
+    ManifestSamples,
+    ModelInputs,
+    RegionSamples,
+    load_model,
+    predict,
+    score,
+)
+from tests.conftest import TrainedRun
+
+
+@pytest.fixture(scope="module")
+def model(trained_run: TrainedRun):
+    return load_model(trained_run.ckpt)
+
+
+@pytest.fixture(scope="module")
+def series_path(shared_data: Path) -> Path:
+    return shared_data / "footfall" / "counts.csv.gz"
+
+
+def write_manifest(frame: pd.DataFrame, folder: Path) -> Path:
+    path = folder / "manifest.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_the_checkpoint_is_enough(model, trained_run: TrainedRun) -> None:
+    task, inputs = model
+    saved = torch.load(trained_run.ckpt, weights_only=True, map_location="cpu")
+    info = saved["hyper_parameters"]["data_info"]
+    assert inputs.classes == tuple(info["classes"]) and inputs.hours == 672
+    assert inputs.in_chans == 3 and inputs.image_size == 56
+    assert inputs.band_stats.mean == tuple(info["band_stats"]["mean"])
+    assert task.temperature.item() == pytest.approx(float(saved["state_dict"]["temperature"]))
+    assert inputs.uses_image and inputs.uses_series
+
+
+def test_manifest_form_reproduces_fusion_test(
+    trained_run: TrainedRun, small_manifest: Path, series_path: Path, tmp_path: Path, capsys
+) -> None:
+    """The val rows predicted from files alone match what ``fusion test`` wrote for them."""
+    out = tmp_path / "preds.csv"
+    argv = ["predict", "--ckpt_path", str(trained_run.ckpt), "--manifest", str(small_manifest),
+            "--series", str(series_path), "--split", "val", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    tested = pd.read_csv(trained_run.root / "predictions_test.csv")
+    preds = pd.read_csv(out)
+    assert len(preds) == len(tested) == 24
+    assert preds["pred"].tolist() == tested["pred"].tolist()
+    classes = [c for c in tested.columns if c.startswith("p_")]
+    assert np.abs(preds[classes].to_numpy() - tested[classes].to_numpy()).max() < 1e-4
+    assert (preds["status"] == "image+series").all()
+    # The printed metrics are those of the tested predictions.
+    index = {c[2:]: i for i, c in enumerate(classes)}
+    labels = np.array([index[c] for c in tested["label"]])
+    log_probs = np.log(tested[classes].to_numpy(np.float32))
+    expected = score(log_probs, labels, np.zeros_like(labels), temperature=1.0)
+    assert (
+        f"OA {expected['OA']:.4f}" in printed and f"macro-F1 {expected['macro_f1']:.4f}" in printed
+    )
+
+
+def test_missing_views_are_flagged_and_nothing_is_guessed(
+    model, small_manifest: Path, series_path: Path, tmp_path: Path
+) -> None:
+    task, inputs = model
+    frame = pd.read_csv(small_manifest, dtype=str, keep_default_na=False)
+    frame = frame[frame["split"] == "val"].head(6).copy()
+    frame.loc[frame.index[0], "image"] = ""  # series only
+    frame.loc[frame.index[1], "sensor_id"] = ""  # image only
+    frame.loc[frame.index[2], ["image", "sensor_id"]] = ""  # neither: skipped
+    frame.loc[frame.index[3], "sensor_id"] = "no_such_sensor"  # unknown key: image only
+    frame.loc[frame.index[4], "start"] = "2030-01-01T00:00:00+00:00"  # after the series
+    samples = ManifestSamples(write_manifest(frame, tmp_path), inputs, series=series_path)
+    result = predict(task, inputs, samples, tmp_path / "out.csv", batch_size=4)
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert out["status"].tolist() == [
+        "series only", "image only", "skipped", "image only", "image only", "image+series",
+    ]  # fmt: skip
+    assert "no image" in out["note"][0] and "not in the activity table" in out["note"][3]
+    assert "outside the span" in out["note"][4]
+    skipped = out.iloc[2]
+    assert skipped["pred"] == "" and all(skipped[f"p_{c}"] == "" for c in inputs.classes)
+    assert result.pred[2] == -1 and (np.delete(result.pred, 2) >= 0).all()
+    probs = out.drop(index=2)[[f"p_{c}" for c in inputs.classes]].astype(float).to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert result.metrics["n"] == 5  # labelled and predicted rows only
+
+
+def test_bad_manifest_rows_are_named_before_anything_is_written(
+    model, small_manifest: Path, series_path: Path, tmp_path: Path
+) -> None:
+    _, inputs = model
+    frame = pd.read_csv(small_manifest, dtype=str, keep_default_na=False).head(4).copy()
+    frame.loc[frame.index[0], "hours"] = "168"  # not the model's window length
+    frame.loc[frame.index[1], "label"] = "stadium"  # not a class of the model
+    gray = tmp_path / "gray.png"
+    Image.new("L", (40, 40), 128).save(gray)
+    frame.loc[frame.index[2], "image"] = str(gray)  # one band, the model has three
+    frame.loc[frame.index[3], "start"] = "2021-06-01 00:00"  # no zone, none given
+    path = write_manifest(frame, tmp_path)
+    with pytest.raises(InputErrors) as info:
+        ManifestSamples(path, inputs, series=series_path)
+    text = str(info.value)
+    for line, field, words in [(2, "hours", "672-hour"), (3, "label", "stadium"),
+                               (4, "image", "has 1 bands"), (5, "start", "")]:  # fmt: skip
+        assert f"{path}, line {line}, column '{field}'" in text and words in text
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_an_interrupted_run_leaves_no_output(
+    model, small_manifest: Path, series_path: Path, tmp_path: Path
+) -> None:
+    """A tile that fails to decode mid-stream: an error naming it, the old output untouched."""
+    task, inputs = model
+    frame = pd.read_csv(small_manifest, dtype=str, keep_default_na=False).head(10).copy()
+    data = Path(frame["image"].iloc[8]).read_bytes()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(data[: len(data) // 3])  # a truncated JPEG: its header still reads
+    frame.loc[frame.index[8], "image"] = str(broken)
+    samples = ManifestSamples(write_manifest(frame, tmp_path), inputs, series=series_path)
+    out = tmp_path / "out" / "preds.csv"
+    out.parent.mkdir()
+    out.write_text("an earlier run's output\n")
+    with pytest.raises(InputError) as info:
+        predict(task, inputs, samples, out, batch_size=4)  # the third batch fails
+    assert str(broken) in str(info.value) and "line 10" in str(info.value)
+    assert out.read_text() == "an earlier run's output\n"
+    assert [p.name for p in out.parent.iterdir()] == ["preds.csv"]  # no temporary left behind
+
+    calls = 0
+
+    def stop(batch, batch_idx=0):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+        return original(batch, batch_idx)
+
+    original = task.predict_step
+    task.predict_step = stop
+    fresh = tmp_path / "fresh.csv"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            predict(task, inputs, samples, fresh, batch_size=4)
+    finally:
+        del task.predict_step
+    assert not fresh.exists() and not list(tmp_path.glob(".fresh-*"))
+
+
+# ------------------------------------------------------------------ raster + regions (real files)
+@pytest.fixture(scope="module")
+def geotiff(shared_data: Path) -> Path:
+    return shared_data / "geotiff"
+
+
+def test_regions_form_writes_a_geopackage_and_a_map(
+    trained_run: TrainedRun, geotiff: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "preds.gpkg"
+    argv = ["predict", "--ckpt_path", str(trained_run.ckpt), "--raster", str(geotiff / "rgbn.tif"),
+            "--regions", str(geotiff / "regions.gpkg"), "--bands", "1", "2", "3",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    regions = gpd.read_file(geotiff / "regions.gpkg")
+    preds = gpd.read_file(out)
+    assert len(preds) == len(regions) == 252
+    assert preds["region_id"].tolist() == regions["region_id"].tolist()
+    assert preds.crs == regions.crs
+    assert preds.geometry.geom_equals(regions.geometry).all()
+    # Complete cells are wholly on the raster; cells sticking out of it count their pixels.
+    complete = regions["complete"].to_numpy()
+    assert (preds["valid_share"][complete] == 1).all()
+    assert (preds["valid_share"][~complete] < 1).all()
+    used = preds["valid_share"] >= 0.5
+    assert 221 <= used.sum() < 252
+    assert (preds["status"][used] == "image only").all()
+    assert preds["pred"][used].isin(load_model(trained_run.ckpt)[1].classes).all()
+    assert (preds["status"][~used] == "skipped").all() and (preds["pred"][~used] == "").all()
+    assert preds["note"][~used].str.contains("of the pixels have data").all()
+    png = out.with_suffix(".png")
+    with Image.open(png) as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+    assert "252 rows" in capsys.readouterr().out
+
+
+def test_band_count_mismatch_names_the_raster(model, geotiff: Path) -> None:
+    _, inputs = model
+    with pytest.raises(InputError, match="has 4 bands, the model was trained on 3") as info:
+        RegionSamples(geotiff / "rgbn.tif", geotiff / "regions.gpkg", inputs)
+    assert info.value.file == str(geotiff / "rgbn.tif")
+
+
+def test_crs_mismatch_is_an_error(model, geotiff: Path, tmp_path: Path) -> None:
+    """Regions whose file claims the wrong CRS land nowhere near the raster."""
+    _, inputs = model
+    regions = gpd.read_file(geotiff / "regions.gpkg").set_crs("EPSG:32619", allow_override=True)
+    wrong = tmp_path / "wrong_crs.gpkg"
+    regions.to_file(wrong)
+    with pytest.raises(InputError, match="no region overlaps the raster") as info:
+        RegionSamples(geotiff / "rgbn.tif", wrong, rgb(inputs))
+    assert "EPSG:32619" in str(info.value) and "EPSG:32618" in str(info.value)
+    regions.set_crs(None, allow_override=True).to_file(tmp_path / "no_crs.gpkg")
+    with pytest.raises(InputError, match="regions have no CRS"):
+        RegionSamples(geotiff / "rgbn.tif", tmp_path / "no_crs.gpkg", rgb(inputs))
+
+
+def rgb(inputs: ModelInputs) -> ModelInputs:
+    """The model's inputs with bands 1-3 of the 4-band ``rgbn.tif`` selected."""
+    return dataclasses.replace(inputs, bands=[1, 2, 3])
+
+
+def test_regions_outside_the_raster_and_series_joined_by_key(
+    model, geotiff: Path, series_path: Path, tmp_path: Path
+) -> None:
+    """A region off the raster is predicted from its series if it has one, else skipped."""
+    task, inputs = model
+    regions = gpd.read_file(geotiff / "regions.gpkg").head(6)
+    far = regions.iloc[:2].copy()
+    far["geometry"] = far.geometry.apply(lambda g: translate(g, xoff=50_000))
+    far["region_id"] = [1000, 1001]
+    regions = pd.concat([regions, far], ignore_index=True)
+    regions["sensor_id"] = ["mel_MCEC_T", "", "", "", "", "", "akl_297_Queen_Street", ""]
+    path = tmp_path / "regions.gpkg"
+    gpd.GeoDataFrame(regions, crs=far.crs).to_file(path)
+    samples = RegionSamples(
+        geotiff / "rgbn.tif", path, rgb(inputs), series=series_path,
+        key="sensor_id", start="2022-04-05T00:00:00+10:00",
+    )  # fmt: skip
+    result = predict(task, rgb(inputs), samples, tmp_path / "preds.gpkg")
+    out = gpd.read_file(tmp_path / "preds.gpkg")
+    assert out["status"].tolist() == ["image+series"] + ["image only"] * 5 + [
+        "series only", "skipped",
+    ]  # fmt: skip
+    assert "outside the raster" in out["note"].iloc[7] and result.pred[7] == -1
+    assert result.map is not None and result.map.is_file()
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (shutil.rmtree, (str(tmp_path / "victim"),))
+
+    (tmp_path / "victim").mkdir()
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"data_info": Payload()}}, bad)
+    with pytest.raises(InputError, match="cannot load checkpoint as data"):
+        load_model(bad)
+    assert (tmp_path / "victim").is_dir()
