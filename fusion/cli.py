@@ -5,6 +5,8 @@
 - ``fusion predict --ckpt_path MODEL.ckpt (--manifest CSV | --raster TIF --regions GPKG)
   --output FILE``: a trained model on new places (:mod:`fusion.predict`).
 - ``fusion data inspect --manifest FILE``: what a manifest holds, as tables and a gallery.
+- ``fusion bench --output results/bench``: cost of every variant against the bare ViT
+  (:mod:`fusion.bench`).
 - ``fusion ablate|compare|report``: experiments over seeds (:mod:`fusion.experiments`).
 """
 
@@ -79,8 +81,13 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
 
 def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import dataclasses
+    import os
 
     import torch
+
+    # GDAL keeps decoded raster blocks up to 5% of the RAM by default: across a city-wide raster
+    # that cache, not the model, would set the memory. A user's own setting wins.
+    os.environ.setdefault("GDAL_CACHEMAX", "256")  # MB
 
     from fusion.predict import ManifestSamples, RegionSamples, load_model, predict
 
@@ -120,6 +127,47 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"kappa {m['kappa']:.4f}  ECE {m['ece']:.4f} -> {m['ece_calibrated']:.4f} "
             f"calibrated (T={task.temperature.item():.3f})"
         )
+    return 0
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="throughput, memory, parameters and FLOPs of every variant against the bare ViT, "
+        "scaling curves, and the data pipeline's speed",
+    )
+    p.add_argument("--output", type=Path, default=Path("results/bench"))
+    p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--hours", type=int, default=672)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--manifest", default="../shared/data/paired/manifest.csv",
+                   help="benchmark manifest for the loader measurement")  # fmt: skip
+    p.add_argument("--series", default="../shared/data/footfall/counts.csv.gz",
+                   help="real counts the large table is built from")  # fmt: skip
+    p.add_argument("--series-rows", type=int, default=10_000_000,
+                   help="rows of the generated activity table (0: skip)")  # fmt: skip
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fusion.bench.data import run_data_bench
+    from fusion.bench.models import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        batch_size=args.batch_size, image_size=args.image_size, hours=args.hours,
+        repeats=args.repeats, device=args.device, threads=args.threads or None,
+    )  # fmt: skip
+    models = run_bench(args.output, settings, quick=args.quick)
+    train_sps = float(models.set_index("variant").loc["mbt_mid", "train_sps"])
+    run_data_bench(
+        args.output, manifest=args.manifest, series=args.series, train_sps=train_sps,
+        rows=0 if args.quick else args.series_rows, image_size=args.image_size,
+    )  # fmt: skip
+    print((args.output / "summary.md").read_text())
+    print((args.output / "data.md").read_text())
     return 0
 
 
@@ -238,10 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         sub = parser.add_subparsers(dest="command", required=True)
         _data_parser(sub)
         _predict_parser(sub)
+        _bench_parser(sub)
         _experiment_parsers(sub)
         args = parser.parse_args(argv)
         if args.command == "predict":
             return _predict(args, sub.choices["predict"])
+        if args.command == "bench":
+            return _bench(args)
         return _inspect(args) if args.command == "data" else _experiment(args)
     except (InputError, InputErrors) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)

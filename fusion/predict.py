@@ -98,7 +98,10 @@ def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, ModelInputs]:
         )
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     hparams["net"] = {**(hparams.get("net") or {}), "vit_weights": None}
-    task = FusionTask(**hparams)
+    try:
+        task = FusionTask(**hparams)
+    except (TypeError, ValueError, KeyError) as err:
+        raise InputError(f"cannot build the checkpoint's model: {err!r}", file=path) from err
     task.on_load_checkpoint(ckpt)
     try:
         task.load_state_dict(ckpt["state_dict"])
@@ -155,7 +158,7 @@ class SeriesLookup:
             window = self.table.window(key, start, hours)
         except InputError as err:
             return features, mask, err.message
-        if window.present_share < self.inputs.min_present:
+        if window.present_share == 0 or window.present_share < self.inputs.min_present:
             share = f"{window.present_share:.0%}"
             return features, mask, f"only {share} of the window's hours have a count"
         features, mask = encode_window(window, log1p=self.inputs.log1p)
