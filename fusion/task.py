@@ -10,6 +10,7 @@ needs nothing else.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,13 @@ from fusion.models.classifier import FusionClassifier
 Batch = dict[str, Tensor]
 
 
+def epoch_seed(*parts: int) -> int:
+    """A seed made of integers such as ``(seed, epoch, rank)``, unrelated for different parts
+    (unlike ``seed + epoch``: seed 1's first epoch would draw what seed 0's second drew)."""
+    words = [p & 0xFFFF_FFFF_FFFF_FFFF for p in parts]  # SeedSequence takes non-negative ints
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
+
+
 class FusionTask(L.LightningModule):
     """Cross-entropy training of a :class:`FusionClassifier` with OA / macro-F1 / kappa metrics.
 
@@ -46,6 +54,14 @@ class FusionTask(L.LightningModule):
         modality_dropout: share of training samples that lose one view (image or series, half
             each), so the model learns to predict from either view alone.
         cache_dir: where frozen-ViT tokens are cached (default as the data cache; ``""`` off).
+
+    Reproducibility: every training epoch re-seeds torch's global RNG (modality dropout, dropout
+    layers) from ``(seed_everything, epoch, global rank)``, and the datamodule shuffles epoch
+    ``e`` by ``seed + e``; so two runs with the same seeds train identically, and a run resumed
+    from a checkpoint saved at the end of an epoch (``last.ckpt``) ends as the uninterrupted run.
+
+    Under DDP the temperature is fitted on the validation rows of all processes, and ``fusion
+    test`` gathers all processes' rows before rank 0 writes ``predictions_test.csv``.
     """
 
     def __init__(
@@ -76,7 +92,7 @@ class FusionTask(L.LightningModule):
         # Softmax temperature fitted on the validation split after each validation epoch of
         # training (Guo et al. 2017), so every checkpoint carries its own calibration.
         self.register_buffer("temperature", torch.ones(()))
-        self._val_rows: list[tuple[Tensor, Tensor]] = []
+        self._val_rows: list[tuple[Tensor, Tensor, Tensor]] = []  # index, logits, label
 
     # ------------------------------------------------------------------ configuration hooks
     def configure_models(self) -> None:
@@ -211,6 +227,13 @@ class FusionTask(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ steps
+    def on_train_epoch_start(self) -> None:
+        # The seed is seed_everything's (Lightning keeps it in PL_GLOBAL_SEED; the CLI always
+        # seeds, default 0): the seed that experiments vary per run. Without it, no re-seeding.
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            torch.manual_seed(epoch_seed(int(seed), self.current_epoch, self.global_rank))
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits = self(self._drop_modalities(batch))
         loss = self.criterion(logits, batch["label"])
@@ -219,15 +242,19 @@ class FusionTask(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self(batch)
-        self.log("val/loss", self.criterion(logits, batch["label"]), batch_size=len(logits))
+        loss = self.criterion(logits, batch["label"])
+        self.log("val/loss", loss, batch_size=len(logits), sync_dist=True)
         self.val_metrics.update(logits, batch["label"])
-        self._val_rows.append((logits.detach().float().cpu(), batch["label"].cpu()))
+        rows = (batch["index"].cpu(), logits.detach().float().cpu(), batch["label"].cpu())
+        self._val_rows.append(rows)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self(batch)
-        self.log("test/loss", self.criterion(logits, batch["label"]), batch_size=len(logits))
+        loss = self.criterion(logits, batch["label"])
+        self.log("test/loss", loss, batch_size=len(logits), sync_dist=True)
         self.test_metrics.update(logits, batch["label"])
-        self._test_rows.append((batch["index"].cpu(), batch["label"].cpu(), logits.detach().cpu()))
+        rows = (batch["index"].cpu(), batch["label"].cpu(), logits.detach().float().cpu())
+        self._test_rows.append(rows)
 
     def on_test_epoch_start(self) -> None:
         self._test_rows: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -237,6 +264,17 @@ class FusionTask(L.LightningModule):
         logits = self(batch)
         probs = (logits.float() / self.temperature).softmax(dim=-1)
         return {"index": batch["index"], "logits": logits, "probs": probs, "pred": probs.argmax(-1)}
+
+    def _all_rows(self, rows: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """The per-batch ``(index, ...)`` rows concatenated; under DDP those of every process,
+        each sample once (``DistributedSampler`` repeats a few to even out the processes), in
+        index order. Every process must call this (it is a collective)."""
+        parts = tuple(torch.cat(column) for column in zip(*rows, strict=True))
+        if self.trainer.world_size == 1:
+            return parts
+        parts = tuple(t.flatten(0, 1).cpu() for t in self.all_gather(parts))  # (world * N, ...)
+        _, first = np.unique(parts[0].numpy(), return_index=True)
+        return tuple(t[torch.from_numpy(first)] for t in parts)
 
     def _log_metrics(self, metrics: Any, stage: str) -> dict[str, Tensor]:
         values = metrics.compute()
@@ -255,7 +293,7 @@ class FusionTask(L.LightningModule):
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         if self.trainer.sanity_checking or not fitting or not self._val_rows:
             return  # the temperature is fitted while training only, on full validation epochs
-        logits, labels = (torch.cat(parts) for parts in zip(*self._val_rows, strict=True))
+        _, logits, labels = self._all_rows(self._val_rows)  # all processes' rows under DDP
         fitted = calibrate(logits, labels)
         self.temperature.fill_(fitted.temperature)
         self.log_dict(
@@ -274,7 +312,8 @@ class FusionTask(L.LightningModule):
         values = self._log_metrics(self.test_metrics, "test")
         self.test_confusion = values["test/confusion"].cpu()
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        _, labels, logits = (torch.cat(parts) for parts in zip(*self._test_rows, strict=True))
+        self._test_rows = [self._all_rows(self._test_rows)]  # all processes' rows under DDP
+        _, labels, logits = self._test_rows[0]
         self.log_dict(
             {
                 "test/ece": expected_calibration_error(logits.float().softmax(-1), labels),
@@ -284,6 +323,8 @@ class FusionTask(L.LightningModule):
             }
         )
         self.test_predictions = self._predictions_frame()
+        if not self.trainer.is_global_zero:
+            return
         self.test_predictions.to_csv(folder / "predictions_test.csv", index=False)
         plot_confusion(
             self.test_confusion,

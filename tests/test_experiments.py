@@ -14,11 +14,9 @@ from fusion import cli as cli_module
 from fusion.cli import main
 from fusion.experiments import bootstrap_difference, macro_f1
 
-from .test_task import small_manifest  # noqa: F401  (shared fixture)
-
 
 @pytest.fixture(scope="module")
-def overrides(small_manifest, shared_data, vit_weights, tmp_path_factory) -> list[str]:  # noqa: F811
+def overrides(small_manifest, shared_data, vit_weights, tmp_path_factory) -> list[str]:
     cache = tmp_path_factory.mktemp("cache")
     return [
         "--data.manifest", str(small_manifest),

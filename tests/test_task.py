@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from fusion.cli import main
 from fusion.data.datamodule import FusionDataModule
@@ -27,6 +28,13 @@ def dm(small_manifest: Path, shared_data: Path, tmp_path_factory) -> FusionDataM
     return dm
 
 
+def first_batch(dm: FusionDataModule) -> dict[str, torch.Tensor]:
+    """30 training rows drawn by a fixed generator (independent of the loaders' sampler)."""
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(dm.dataset("train"), batch_size=30, shuffle=True, generator=generator)
+    return next(iter(loader))
+
+
 def net(vit_weights: Path, **kwargs) -> dict:
     return {"vit_weights": str(vit_weights), "token_grid": 2, "fusion_dim": 32,
             "series_dim": 32, "fusion_heads": 2, **kwargs}  # fmt: skip
@@ -36,7 +44,7 @@ def net(vit_weights: Path, **kwargs) -> dict:
 def test_few_steps_on_real_data_lower_the_loss(dm, vit_weights, fusion) -> None:
     torch.manual_seed(0)
     task = FusionTask(data_info=dm.info(), net=net(vit_weights, fusion=fusion), lr=3e-3)
-    batch = next(iter(dm.train_dataloader()))
+    batch = first_batch(dm)
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
     task.train()
     losses = []

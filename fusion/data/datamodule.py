@@ -8,7 +8,7 @@ statistics (training rows only), class weights, the cached series windows and th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
 from fusion.data.datasets import PairedDataset
@@ -37,6 +37,30 @@ from fusion.data.tiles import BandStats
 from fusion.errors import InputError, InputErrors
 
 SplitMode = Literal["manifest", "stratified", "place"]
+
+
+class EpochShuffle(RandomSampler):
+    """Shuffles epoch ``e`` by ``seed + e`` alone, whatever ran before in the process (so a run
+    resumed at an epoch boundary sees the orders the uninterrupted run saw): the order of torch's
+    ``DistributedSampler(seed=seed)`` on one process. Lightning calls :meth:`set_epoch` before
+    every training epoch.
+
+    A :class:`RandomSampler`, so that under DDP Lightning recognises a shuffled loader and swaps
+    in its ``DistributedSampler(shuffle=True)``, which shuffles by ``seed_everything + e`` (not
+    this ``seed``) and splits the rows between the processes (``use_distributed_sampler`` on).
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
 
 
 class FusionDataModule(L.LightningDataModule):
@@ -61,7 +85,8 @@ class FusionDataModule(L.LightningDataModule):
             ``stratified`` (seeded, per label) or ``place`` (place-disjoint: whole series keys, or
             groups of them, go to train or val). ``test`` rows always stay test.
         val_fraction: share of rows (stratified) or of places per label (place) sent to val.
-        seed: seed of the splits and of the training loader's shuffling.
+        seed: seed of the splits and of the training loader's shuffling (epoch ``e`` by
+            ``seed + e``, see :class:`EpochShuffle`; under DDP by ``seed_everything + e``).
         groups: optional CSV mapping ``key_column`` to ``group_column`` (e.g. the footfall
             ``sensors.csv`` with ``holdout_group``: nearby sensors move together in a place split).
         batch_size, num_workers: loader settings.
@@ -319,14 +344,18 @@ class FusionDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        dataset = self.dataset(split)
+        # Shuffled through the sampler alone (no ``shuffle=True``): Lightning reads a shuffled
+        # loader off its RandomSampler. The generator only seeds workers (the tiles are read
+        # without randomness).
+        order = {"sampler": EpochShuffle(dataset, self.seed)} if shuffle else {"shuffle": False}
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.seed),
+            **order,
         )
 
     def train_dataloader(self) -> DataLoader:

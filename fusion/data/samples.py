@@ -3,7 +3,8 @@
 Two passes, both reporting all problems at once rather than stopping at the first:
 
 - :func:`build_series_windows`: each row's activity window as ``(T, F)`` features + ``(T,)`` mask;
-  unknown keys, windows outside the series, too few present hours and naive starts are errors.
+  unknown keys, windows outside the series, too few present hours (none at all, whatever
+  ``min_present``) and naive starts are errors.
 - :func:`scan_tiles`: every tile decoded once; missing/unreadable files, all-nodata tiles and wrong
   band counts are errors; per-band statistics accumulate over the training rows only.
 """
@@ -90,6 +91,17 @@ def build_series_windows(
             window = table.window(key, start, hours)
         except InputError as err:
             errors.append(err.within(manifest_path, line=line, field=key_column))
+            continue
+        if not window.present.any():
+            # Even with min_present=0: an all-absent window is no series, not a series of zeros.
+            errors.append(
+                InputError(
+                    "no hour of the window has a count (the series has a gap there)",
+                    file=manifest_path,
+                    line=line,
+                    field="start",
+                )
+            )
             continue
         if window.present_share < min_present:
             errors.append(

@@ -10,6 +10,12 @@ timestamp columns. Naive time stamps (no offset) need ``timezone``: they are loc
 where a wall-clock hour repeated by a DST change maps to its first (daylight-time) instant the first
 time a key lists it and to its second (standard-time) instant the next time, and a wall-clock hour
 skipped by a DST change is an error (shifting it would collide with the next real hour).
+
+Values must be finite, non-negative numbers that fit in float32 (so none turns into ``inf`` on
+the way to the model); there is no other upper bound (``log1p`` keeps large counts in range). An
+hour without a count is left out of the table (a window marks it absent); an empty or NaN cell is
+an error, not an absent hour. A second row for the same key and UTC hour is an error, even when
+it repeats the first row's values. A table with no data rows is an error.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ _ISO_8601 = (
     r"(?P<offset>[Zz]|[+-]\d{2}(?::?\d{2})?)?\s*$"
 )
 _EPOCH = pd.Timestamp(0, tz="UTC")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Cell texts read as "no value" (besides an empty cell), whatever their case.
+_MISSING_TEXT = frozenset({"", "nan", "na", "n/a", "null", "none"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -443,18 +452,27 @@ def _zone_offsets(utc_us: np.ndarray, zone: object) -> np.ndarray:
 
 
 def _parse_values(frame: pd.DataFrame, value_columns: tuple[str, ...], rows: _Rows) -> np.ndarray:
-    """Values ``(n, F)`` float32; each must be a finite non-negative number."""
+    """Values ``(n, F)`` float32; each must be a finite non-negative number within float32."""
     out = np.empty((len(frame), len(value_columns)), dtype=np.float32)
     for j, name in enumerate(value_columns):
         column = frame[name]
         numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = _first(~np.isfinite(numbers) | (numbers < 0))
+        bad = _first(~np.isfinite(numbers) | (numbers < 0) | (numbers > _FLOAT32_MAX))
         if bad is not None:
-            message = (
-                "missing value (empty or NaN)"
-                if pd.isna(column.iloc[bad])
-                else f"value {_show(column, bad)} is not a finite non-negative number"
-            )
+            cell = column.iloc[bad]
+            if pd.isna(cell) or str(cell).strip().lower() in _MISSING_TEXT:
+                shown = "empty or NaN" if pd.isna(cell) else _show(column, bad)
+                message = (
+                    f"missing value ({shown}): leave out the row of an hour without a count "
+                    "(absent hours are masked)"
+                )
+            elif np.isfinite(numbers[bad]) and numbers[bad] > _FLOAT32_MAX:
+                message = (
+                    f"value {_show(column, bad)} is too large "
+                    f"(values must be at most {_FLOAT32_MAX:.3g}, the float32 limit)"
+                )
+            else:
+                message = f"value {_show(column, bad)} is not a finite non-negative number"
             raise rows.error(message, bad, name)
         out[:, j] = numbers
     return out

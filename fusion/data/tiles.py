@@ -210,6 +210,11 @@ def read_tile(
 
     ``bands`` are 1-based indexes selecting and ordering bands; ``nodata`` overrides the file's
     nodata value (float NaN always counts as nodata).
+
+    Damaged files raise ``InputError`` naming the file: truncated files, broken JPEG streams and
+    GeoTIFF blocks that do not decompress. Neither format has a checksum, though: damage that still
+    decodes (zeroed bytes inside a JPEG's image data, any bytes inside an uncompressed GeoTIFF's
+    pixels) gives wrong pixels without an error.
     """
     p = _check_path(path)
     if p.suffix.lower() in GEOTIFF_SUFFIXES:
