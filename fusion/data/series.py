@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import re
 import zoneinfo
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
@@ -98,6 +98,42 @@ class _Rows:
         return InputError(message, file=self.path, where=f"row {position + 1}", field=field)
 
 
+CHUNK_ROWS = 1_000_000
+
+
+@dataclass
+class _Chunk:
+    """One parsed chunk of the table: codes into its own ``keys``, and per-row arrays."""
+
+    keys: list[str]
+    codes: np.ndarray
+    hours: np.ndarray
+    values: np.ndarray
+    offsets: np.ndarray
+    rows: _Rows
+
+
+@dataclass
+class _TimeState:
+    """What parsing time stamps carries from one chunk to the next.
+
+    ``naive``: whether the table's time stamps lack offsets (None before the first chunk);
+    ``ambiguous``: (key, wall-clock microsecond) of DST-repeated hours already listed, so that a
+    repeat in a later chunk maps to standard time as it would within one chunk.
+    """
+
+    naive: bool | None = None
+    ambiguous: set[tuple[str, int]] = field(default_factory=set)
+
+
+def _merge_keys(parts: list[_Chunk]) -> tuple[list[str], np.ndarray]:
+    """The sorted keys of all chunks and every row's code into them."""
+    keys = sorted(set().union(*(c.keys for c in parts)))
+    index = {k: i for i, k in enumerate(keys)}
+    codes = [np.array([index[k] for k in c.keys], dtype=np.int64)[c.codes] for c in parts]
+    return keys, np.concatenate(codes)
+
+
 class SeriesTable:
     """Hourly series of several keys (e.g. sensors), read from one long-format table."""
 
@@ -122,24 +158,45 @@ class SeriesTable:
         time_column: str = "timestamp",
         value_columns: tuple[str, ...] = ("count",),
         timezone: str | None = None,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> SeriesTable:
         """Read and validate a long-format table with one row per (key, hour).
 
         ``timezone`` (IANA name) localizes naive time stamps and, for time stamps with offsets,
-        sets the zone of the local calendar (otherwise each row's own offset is used).
+        sets the zone of the local calendar (otherwise each row's own offset is used). The file
+        is parsed ``chunk_rows`` rows at a time; only compact per-row arrays (key code, hour,
+        offset, values: about 20 bytes a row) are kept, so memory follows the number of rows at
+        that rate, not the size of the text.
         """
         path = Path(path)
         value_columns = tuple(value_columns)
         if not value_columns:
             raise InputError("no value columns requested", file=path)
         zone = None if timezone is None else _check_zone(timezone, path)
-        frame, rows = _load(path, key_column, time_column, value_columns)
-        if frame.empty:
+        state = _TimeState()
+        parts: list[_Chunk] = []
+        for frame, rows in _load(path, key_column, time_column, value_columns, chunk_rows):
+            if frame.empty:
+                continue
+            codes, keys = _parse_keys(frame[key_column], rows, key_column)
+            utc_us, offsets = _parse_times(
+                frame[time_column], codes, keys, zone, rows, time_column, state
+            )
+            values = _parse_values(frame, value_columns, rows)
+            parts.append(_Chunk(keys, codes, utc_us // _US_PER_HOUR, values, offsets, rows))
+            del frame  # only the compact arrays outlive the chunk
+        if not parts:
             raise InputError("table has no data rows", file=path)
-        codes, keys = _parse_keys(frame[key_column], rows, key_column)
-        utc_us, offsets = _parse_times(frame[time_column], codes, zone, rows, time_column)
-        values = _parse_values(frame, value_columns, rows)
-        series = _split(keys, codes, utc_us // _US_PER_HOUR, values, offsets, rows)
+        keys, codes = _merge_keys(parts)
+        rows = _Rows(path, np.concatenate([c.rows.positions for c in parts]), parts[0].rows.csv)
+        series = _split(
+            keys,
+            codes,
+            np.concatenate([c.hours for c in parts]),
+            np.concatenate([c.values for c in parts]),
+            np.concatenate([c.offsets for c in parts]),
+            rows,
+        )
         return cls(path, value_columns, zone, series)
 
     @property
@@ -269,40 +326,54 @@ def _check_zone(name: str, path: Path | None) -> str:
 
 
 def _load(
-    path: Path, key_column: str, time_column: str, value_columns: tuple[str, ...]
-) -> tuple[pd.DataFrame, _Rows]:
-    """The needed columns of the table, blank CSV lines dropped, and a locator of its rows."""
+    path: Path,
+    key_column: str,
+    time_column: str,
+    value_columns: tuple[str, ...],
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[tuple[pd.DataFrame, _Rows]]:
+    """The needed columns of the table, ``chunk_rows`` rows at a time, blank CSV lines dropped,
+    each chunk with a locator of its rows (positions in the whole file)."""
     if not path.is_file():
         raise InputError("file not found", file=path)
     columns = [key_column, time_column, *value_columns]
     name = path.name.lower()
     if name.endswith(".parquet"):
-        _require_columns(columns, pq.read_schema(path).names, path)
-        frame = pd.read_parquet(path, columns=columns)
-        return frame, _Rows(path, np.arange(len(frame)), csv=False)
+        parquet = pq.ParquetFile(path)
+        _require_columns(columns, parquet.schema_arrow.names, path)
+        start = 0
+        for batch in parquet.iter_batches(batch_size=chunk_rows, columns=columns):
+            frame = batch.to_pandas()
+            yield frame, _Rows(path, start + np.arange(len(frame)), csv=False)
+            start += len(frame)
+        return
     if not name.endswith((".csv", ".csv.gz")):
         raise InputError("unsupported table format (expected .csv, .csv.gz or .parquet)", file=path)
     try:
         _require_columns(columns, pd.read_csv(path, nrows=0).columns, path)
-        frame = pd.read_csv(
+        reader = pd.read_csv(
             path,
             usecols=columns,
             dtype={key_column: "str", time_column: "str"},
             keep_default_na=False,
             na_values={c: [""] for c in value_columns},
             skip_blank_lines=False,
+            chunksize=chunk_rows,
         )
+        start = 0
+        for frame in reader:
+            blank = (
+                (frame[key_column].str.strip() == "")
+                & (frame[time_column].str.strip() == "")
+                & frame[list(value_columns)].isna().all(axis=1)
+            ).to_numpy()
+            positions = np.flatnonzero(~blank)
+            if blank.any():
+                frame = frame.iloc[positions].reset_index(drop=True)
+            yield frame, _Rows(path, start + positions, csv=True)
+            start += len(blank)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read CSV: {error}", file=path) from None
-    blank = (
-        (frame[key_column].str.strip() == "")
-        & (frame[time_column].str.strip() == "")
-        & frame[list(value_columns)].isna().all(axis=1)
-    ).to_numpy()
-    positions = np.flatnonzero(~blank)
-    if blank.any():
-        frame = frame.iloc[positions].reset_index(drop=True)
-    return frame, _Rows(path, positions, csv=True)
 
 
 def _require_columns(columns: list[str], available: Iterable[str], path: Path) -> None:
@@ -333,9 +404,17 @@ def _parse_keys(column: pd.Series, rows: _Rows, field: str) -> tuple[np.ndarray,
 
 
 def _parse_times(
-    column: pd.Series, codes: np.ndarray, zone: str | None, rows: _Rows, field: str
+    column: pd.Series,
+    codes: np.ndarray,
+    keys: list[str],
+    zone: str | None,
+    rows: _Rows,
+    field: str,
+    state: _TimeState,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """UTC epoch microseconds ``(n,)`` int64 and local UTC offset minutes ``(n,)`` int16."""
+    """UTC epoch microseconds ``(n,)`` int64 and local UTC offset minutes ``(n,)`` int16.
+
+    ``state`` carries what earlier chunks of the table decided (see :class:`_TimeState`)."""
     if isinstance(column.dtype, pd.DatetimeTZDtype):
         missing = _first(column.isna().to_numpy())
         if missing is not None:
@@ -343,7 +422,9 @@ def _parse_times(
         utc_us = pd.DatetimeIndex(column).as_unit("us").asi8
         offsets = _zone_offsets(utc_us, zone or column.dt.tz)
     elif pd.api.types.is_datetime64_dtype(column.dtype):
-        utc_us, offsets = _localize(pd.DatetimeIndex(column), column, codes, zone, rows, field)
+        utc_us, offsets = _localize(
+            pd.DatetimeIndex(column), column, codes, keys, zone, rows, field, state
+        )
     else:
         text = column.astype("str")
         parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
@@ -364,9 +445,16 @@ def _parse_times(
         labels = encoded.dictionary.to_pylist()
         label_of_row = encoded.indices.to_numpy(zero_copy_only=False)
         naive = np.isin(label_of_row, [i for i, label in enumerate(labels) if label == ""])
+        if state.naive is not None and naive.all() != state.naive:
+            if naive.all():
+                at, what = 0, "no UTC offset while earlier ones have one"
+            else:
+                at = int(np.flatnonzero(~naive)[0])
+                what = "a UTC offset while earlier ones have none"
+            raise rows.error(f"timestamp {_show(text, at)} has {what}", at, field)
         if naive.all():
             wall = pd.DatetimeIndex(parsed).tz_localize(None)
-            utc_us, offsets = _localize(wall, text, codes, zone, rows, field)
+            utc_us, offsets = _localize(wall, text, codes, keys, zone, rows, field, state)
         elif naive.any():
             first_naive = int(np.flatnonzero(naive)[0])
             raise rows.error(
@@ -375,6 +463,7 @@ def _parse_times(
                 field,
             )
         else:
+            state.naive = False
             utc_us = pd.DatetimeIndex(parsed).as_unit("us").asi8
             if zone is not None:
                 offsets = _zone_offsets(utc_us, zone)
@@ -396,14 +485,18 @@ def _localize(
     wall: pd.DatetimeIndex,
     column: pd.Series,
     codes: np.ndarray,
+    keys: list[str],
     zone: str | None,
     rows: _Rows,
     field: str,
+    state: _TimeState,
 ) -> tuple[np.ndarray, np.ndarray]:
     """UTC microseconds and offset minutes of naive wall-clock times in ``zone``.
 
-    DST rules: see the module docstring.
+    DST rules: see the module docstring; a repeated hour's earlier listings may lie in earlier
+    chunks (``state.ambiguous``).
     """
+    state.naive = True
     missing = _first(wall.isna())
     if missing is not None:
         raise rows.error("missing timestamp", missing, field)
@@ -430,7 +523,11 @@ def _localize(
     ambiguous = np.flatnonzero(utc_us != standard.as_unit("us").asi8)
     if len(ambiguous):
         seen = pd.DataFrame({"key": codes[ambiguous], "wall": wall_us[ambiguous]})
-        repeat = ambiguous[seen.groupby(["key", "wall"]).cumcount().to_numpy() > 0]
+        later = seen.groupby(["key", "wall"]).cumcount().to_numpy() > 0
+        pairs = [(keys[c], int(w)) for c, w in zip(seen["key"], seen["wall"], strict=True)]
+        later |= np.array([pair in state.ambiguous for pair in pairs])
+        state.ambiguous.update(pairs)
+        repeat = ambiguous[later]
         utc_us[repeat] = standard.as_unit("us").asi8[repeat]
     return utc_us, ((wall_us - utc_us) // _US_PER_MINUTE).astype(np.int16)
 

@@ -388,3 +388,54 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a finite non-negative number") as info:
         SeriesTable.read(bad)
     assert (info.value.where, info.value.field) == ("row 3", "count")
+
+
+def _same_tables(a: SeriesTable, b: SeriesTable) -> bool:
+    if a.keys != b.keys:
+        return False
+    return all(
+        np.array_equal(getattr(a._series[k], f), getattr(b._series[k], f))
+        for k in a.keys
+        for f in ("hours", "values", "offsets")
+    )
+
+
+def test_reading_in_chunks_changes_nothing(shared_data: Path, tmp_path: Path) -> None:
+    """Real rows of two Melbourne sensors around the 2021-04-04 DST end, as naive local times,
+    with the repeated 02:00 listed twice for one sensor: every chunk size gives the table read
+    whole, including when the two listings fall in different chunks."""
+    real = pd.read_csv(shared_data / "footfall" / "counts.csv.gz", dtype={"timestamp": str})
+    day = real[real["sensor_id"].isin(["mel_AG_T", "mel_Bou231_T"])
+               & real["timestamp"].str.startswith("2021-04-04T0")].copy()  # fmt: skip
+    day["timestamp"] = day["timestamp"].str[:19]  # naive wall-clock times
+    first = day.iloc[:3]  # mel_AG_T 00:00, 01:00, 02:00 (daylight time)
+    repeat = pd.DataFrame({"sensor_id": ["mel_AG_T"], "timestamp": ["2021-04-04T02:00:00"],
+                           "count": [9]})  # fmt: skip
+    table = pd.concat([first, repeat, day.iloc[3:]], ignore_index=True)
+    path = tmp_path / "naive.csv"
+    table.to_csv(path, index=False)
+    whole = SeriesTable.read(path, timezone="Australia/Melbourne")
+    ag = whole._series["mel_AG_T"]
+    stamps = [pd.Timestamp(int(h) * 3600, unit="s", tz="UTC").hour for h in ag.hours[:5]]
+    assert stamps == [13, 14, 15, 16, 17]  # 02:00 daylight (15Z), then 02:00 standard (16Z)
+    for chunk_rows in range(1, 8):
+        chunked = SeriesTable.read(path, timezone="Australia/Melbourne", chunk_rows=chunk_rows)
+        assert _same_tables(chunked, whole), chunk_rows
+
+
+def test_problems_in_later_chunks_name_their_line(tmp_path: Path) -> None:
+    lines = ["sensor_id,timestamp,count"]
+    lines += [f"a,2021-01-01T{h:02d}:00:00+00:00,{h}" for h in range(10)]
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join([*lines, "a,2021-01-01T03:00:00+00:00,5"]) + "\n")
+    with pytest.raises(InputError, match="duplicate hour") as info:
+        SeriesTable.read(path, chunk_rows=4)
+    assert info.value.line == 12
+    path.write_text("\n".join([*lines, "a,2021-01-01T11:00:00,5"]) + "\n")
+    with pytest.raises(InputError, match="no UTC offset while earlier ones have one") as info:
+        SeriesTable.read(path, chunk_rows=5, timezone="UTC")  # alone in the third chunk
+    assert info.value.line == 12
+    path.write_text("\n".join([*lines, "a,2021-01-01T11:00:00+00:00,-1"]) + "\n")
+    with pytest.raises(InputError, match="not a finite non-negative") as info:
+        SeriesTable.read(path, chunk_rows=4)
+    assert info.value.line == 12 and info.value.field == "count"
