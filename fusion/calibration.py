@@ -118,15 +118,28 @@ class Calibration:
     nll_after: float
 
 
+def calibration_errors(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, n_bins: int = 15
+) -> tuple[float, float]:
+    """ECE of ``softmax(logits (N, K))`` against ``labels (N,)``: raw, and at ``temperature``."""
+    x, y = _cpu64(logits, labels)
+    with torch.no_grad():
+        return (
+            expected_calibration_error(torch.softmax(x, dim=1), y, n_bins),
+            expected_calibration_error(torch.softmax(x / temperature, dim=1), y, n_bins),
+        )
+
+
 def calibrate(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> Calibration:
     """Fit ``T`` on ``logits (N, K)`` and ``labels (N,)``; report ECE (``n_bins`` bins) and NLL."""
     temperature = fit_temperature(logits, labels)
+    ece_before, ece_after = calibration_errors(logits, labels, temperature, n_bins)
     x, y = _cpu64(logits, labels)
     with torch.no_grad():
         return Calibration(
             temperature=temperature,
-            ece_before=expected_calibration_error(torch.softmax(x, dim=1), y, n_bins),
-            ece_after=expected_calibration_error(torch.softmax(x / temperature, dim=1), y, n_bins),
+            ece_before=ece_before,
+            ece_after=ece_after,
             nll_before=_nll(x, y, 1.0),
             nll_after=_nll(x, y, temperature),
         )

@@ -31,7 +31,7 @@ import torch
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
-from fusion.calibration import expected_calibration_error
+from fusion.calibration import calibration_errors
 from fusion.data.manifest import (
     LINE,
     check_manifest,
@@ -42,7 +42,7 @@ from fusion.data.manifest import (
 )
 from fusion.data.mosaic import RegionRaster
 from fusion.data.series import CALENDAR_FEATURES, SeriesTable, encode_window, parse_start
-from fusion.data.tiles import BandStats, prepare_tile, read_tile, tile_info
+from fusion.data.tiles import BandStats, Tile, prepare_tile, read_tile, tile_info
 from fusion.errors import InputError, InputErrors
 from fusion.io import atomic_path
 from fusion.maps import plot_prediction_map
@@ -206,24 +206,31 @@ def _check_bands(count: int, inputs: ModelInputs, file: Path, **where: Any) -> I
 
 def _sample(
     index: int,
-    image: tuple[torch.Tensor, float] | None,
+    tile: Tile | None,
+    share: float,
     series: tuple[np.ndarray, np.ndarray, str],
     inputs: ModelInputs,
     image_note: str,
     min_valid: float,
 ) -> Sample:
-    """One sample; ``image`` is the model input and the share of the place with valid pixels."""
+    """One sample; ``share`` is the part of the place whose pixels hold data (NaN: no tile).
+
+    A tile with less than ``min_valid`` of the place is not used (nor prepared)."""
     features, mask, series_note = series
     size = inputs.image_size
-    share = float("nan") if image is None else image[1]
-    if image is not None and share < min_valid:
+    if tile is not None and share < min_valid:
         image_note = f"only {share:.0%} of the pixels have data (see --min-valid)"
-        image = None
+        tile = None
+    image = (
+        torch.zeros(inputs.in_chans, size, size)
+        if tile is None
+        else prepare_tile(tile, size=size, stats=inputs.band_stats)
+    )
     return {
-        "image": torch.zeros(inputs.in_chans, size, size) if image is None else image[0],
+        "image": image,
         "series": torch.from_numpy(features),
         "series_mask": torch.from_numpy(mask),
-        "has_image": torch.tensor(image is not None),
+        "has_image": torch.tensor(tile is not None),
         "has_series": torch.tensor(not series_note),
         "valid_share": torch.tensor(share),
         "index": torch.tensor(index),
@@ -321,21 +328,18 @@ class ManifestSamples(Dataset[Sample]):
         return len(self.frame)
 
     def __getitem__(self, i: int) -> Sample:
-        image = None
+        tile, share = None, float("nan")
         if self.images[i] is not None:
             try:
                 tile = read_tile(self.images[i], bands=self.inputs.bands, nodata=self.inputs.nodata)
             except InputError as err:
                 line = int(self.frame[LINE].iloc[i])
                 raise err.within(self.path, line=line, field="image") from None
-            image = (
-                prepare_tile(tile, size=self.inputs.image_size, stats=self.inputs.band_stats),
-                float(tile.valid.mean()),
-            )
+            share = float(tile.valid.mean())
         key = self.frame[self.inputs.key_column].iloc[i]
         series = self.lookup.get(key, self.starts[i])
-        note = "" if image is not None else "no image"
-        return _sample(i, image, series, self.inputs, note, self.min_valid)
+        note = "" if tile is not None else "no image"
+        return _sample(i, tile, share, series, self.inputs, note, self.min_valid)
 
     def describe(self) -> pd.DataFrame:
         """The columns every output row starts with."""
@@ -417,19 +421,15 @@ class RegionSamples(Dataset[Sample]):
         return len(self.raster)
 
     def __getitem__(self, i: int) -> Sample:
-        image, note = None, ""
+        tile, share, note = None, float("nan"), ""
         try:
             tile = self.raster.read(i)
         except InputError as err:
             note = err.message  # outside the raster, or only nodata pixels
         else:
-            share = tile.valid.sum() * self.raster.pixel_area / self.areas[i]
-            image = (
-                prepare_tile(tile, size=self.inputs.image_size, stats=self.inputs.band_stats),
-                min(float(share), 1.0),
-            )
+            share = min(float(tile.valid.sum() * self.raster.pixel_area / self.areas[i]), 1.0)
         series = self.lookup.get(self.keys[i], self.start)
-        return _sample(i, image, series, self.inputs, note, self.min_valid)
+        return _sample(i, tile, share, series, self.inputs, note, self.min_valid)
 
     def describe(self) -> pd.DataFrame:
         return pd.DataFrame({self.id_column: self.raster.ids})
@@ -589,11 +589,12 @@ def score(
     y = torch.from_numpy(labels[rows])
     metrics = classification_metrics(x.shape[1])
     values = metrics(x, y)
+    ece, ece_calibrated = calibration_errors(x, y, temperature)
     return {
         "n": int(rows.sum()),
         "OA": float(values["OA"]),
         "macro_f1": float(values["macro_f1"]),
         "kappa": float(values["kappa"]),
-        "ece": expected_calibration_error(x.softmax(-1), y),
-        "ece_calibrated": expected_calibration_error((x / temperature).softmax(-1), y),
+        "ece": ece,
+        "ece_calibrated": ece_calibrated,
     }

@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from fusion.calibration import calibrate, expected_calibration_error
+from fusion.calibration import calibrate, calibration_errors
 from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
 from fusion.metrics import classification_metrics, plot_confusion
 from fusion.models.classifier import FusionClassifier
@@ -259,10 +259,14 @@ class FusionTask(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test_rows: list[tuple[Tensor, Tensor, Tensor]] = []
 
+    def calibrated(self, logits: Tensor) -> Tensor:
+        """Class probabilities ``(B, K)`` of ``logits (B, K)`` at the fitted temperature."""
+        return (logits.float() / self.temperature.to(logits.device)).softmax(dim=-1)
+
     def predict_step(self, batch: Batch, batch_idx: int = 0) -> dict[str, Tensor]:
         """Raw ``logits (B, K)``, calibrated ``probs (B, K)`` and ``pred (B,)`` of a batch."""
         logits = self(batch)
-        probs = (logits.float() / self.temperature).softmax(dim=-1)
+        probs = self.calibrated(logits)
         return {"index": batch["index"], "logits": logits, "probs": probs, "pred": probs.argmax(-1)}
 
     def _all_rows(self, rows: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
@@ -312,17 +316,10 @@ class FusionTask(L.LightningModule):
         values = self._log_metrics(self.test_metrics, "test")
         self.test_confusion = values["test/confusion"].cpu()
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        self._test_rows = [self._all_rows(self._test_rows)]  # all processes' rows under DDP
-        _, labels, logits = self._test_rows[0]
-        self.log_dict(
-            {
-                "test/ece": expected_calibration_error(logits.float().softmax(-1), labels),
-                "test/ece_calibrated": expected_calibration_error(
-                    (logits.float() / self.temperature.cpu()).softmax(-1), labels
-                ),
-            }
-        )
-        self.test_predictions = self._predictions_frame()
+        index, labels, logits = self._all_rows(self._test_rows)  # all processes' under DDP
+        ece, ece_calibrated = calibration_errors(logits, labels, self.temperature.item())
+        self.log_dict({"test/ece": ece, "test/ece_calibrated": ece_calibrated})
+        self.test_predictions = self._predictions_frame(index, labels, self.calibrated(logits))
         if not self.trainer.is_global_zero:
             return
         self.test_predictions.to_csv(folder / "predictions_test.csv", index=False)
@@ -333,10 +330,9 @@ class FusionTask(L.LightningModule):
             title=f"test: OA {values['test/OA']:.3f}, macro-F1 {values['test/macro_f1']:.3f}",
         )
 
-    def _predictions_frame(self) -> pd.DataFrame:
+    def _predictions_frame(self, index: Tensor, label: Tensor, probs: Tensor) -> pd.DataFrame:
         """One row per tested sample: manifest row, true and predicted class, probabilities."""
-        index, label, logits = (torch.cat(parts) for parts in zip(*self._test_rows, strict=True))
-        probs = (logits.float() / self.temperature.cpu()).softmax(dim=-1).numpy()
+        probs = probs.numpy()
         frame = pd.DataFrame(
             {
                 "row": index.numpy(),

@@ -296,13 +296,17 @@ def make_batch(
     return Batch(*(t.to(device) for t in (image, series, mask, present, labels)))
 
 
-def forward_fn(model: nn.Module, batch: Batch) -> Callable[[], Tensor]:
+def forward_fn(
+    model: nn.Module, batch: Batch, image_tokens: Tensor | None = None
+) -> Callable[[], Tensor]:
     """A call running ``model`` on ``batch`` (only the inputs its branches use) → logits
-    ``(B, K)``."""
+    ``(B, K)``; with ``image_tokens (B, N, D)`` a fusion model skips its ViT."""
     if not isinstance(model, FusionClassifier):
         return lambda: model(batch.image)
     kwargs: dict[str, Tensor] = {}
-    if model.image_encoder is not None:
+    if model.image_encoder is not None and image_tokens is not None:
+        kwargs["image_tokens"] = image_tokens
+    elif model.image_encoder is not None:
         kwargs["image"] = batch.image
     if model.series_encoder is not None:
         kwargs["series"], kwargs["series_mask"] = batch.series, batch.series_mask

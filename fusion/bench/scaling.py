@@ -44,6 +44,7 @@ from fusion.bench.models import (
     BenchSettings,
     build_model,
     count_flops,
+    forward_fn,
     make_batch,
     materialise,
     median_times,
@@ -121,15 +122,7 @@ def series_curve(settings: BenchSettings, hours: Sequence[int] = SERIES_HOURS) -
         tokens = tokens.to(settings.device)
         for length in hours:
             batch = make_batch(settings.batch_size, 14, length, settings.device)
-            forward = functools.partial(
-                model,
-                series=batch.series,
-                series_mask=batch.series_mask,
-                has_image=batch.present,
-                has_series=batch.present,
-                image_tokens=tokens,
-            )
-            calls[(encoder, length)] = _inference(forward)
+            calls[(encoder, length)] = _inference(forward_fn(model, batch, image_tokens=tokens))
     times = median_times(calls, settings.curve_repeats, CURVE_WARMUP, settings.device)
     patch = variants()["mbt_mid"].get("patch_hours", 24)
     return pd.DataFrame(
@@ -152,18 +145,7 @@ def tile_curve(settings: BenchSettings, sizes: Sequence[int] = TILE_SIZES) -> pd
         tile_settings = replace(random, image_size=size)
         for name in (TIMM_VIT, "mbt_mid"):
             model = build_model(name, tile_settings).eval()
-            if name == TIMM_VIT:
-                forward = functools.partial(model, batch.image)
-            else:
-                forward = functools.partial(
-                    model,
-                    image=batch.image,
-                    series=batch.series,
-                    series_mask=batch.series_mask,
-                    has_image=batch.present,
-                    has_series=batch.present,
-                )
-            calls[(name, size)] = _inference(forward)
+            calls[(name, size)] = _inference(forward_fn(model, batch))
     times = median_times(calls, settings.curve_repeats, CURVE_WARMUP, settings.device)
     frame = pd.DataFrame(
         [
