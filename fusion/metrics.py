@@ -1,4 +1,16 @@
-"""Classification metrics (OA, macro-F1, kappa, per-class F1) and a confusion-matrix plot."""
+"""Classification metrics, one definition for training logs, ``fusion test``, ``fusion predict``
+and the experiments, and a confusion-matrix plot.
+
+Every number comes from the confusion matrix of the evaluated rows (:func:`scores`):
+
+- ``OA``: share of rows predicted right.
+- ``macro_f1``: mean F1 over the classes **present in the evaluated truth**. A class that is
+  predicted but absent from the truth adds no term (its predictions are misses of the true
+  classes, lowering their recall); a class absent from both adds none either. So two runs judged on
+  the same rows always average the same classes, whatever they predict.
+- ``kappa``: Cohen's kappa.
+- ``f1_per_class (K,)``: F1 of each class; NaN for a class absent from the truth.
+"""
 
 from __future__ import annotations
 
@@ -12,28 +24,76 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCohenKappa,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-)
+from torchmetrics import Metric
 
 from fusion.plots import save_figure
 
+SCALARS = ("OA", "macro_f1", "kappa")
 
-def classification_metrics(num_classes: int) -> MetricCollection:
-    """``OA``, ``macro_f1``, ``kappa``, ``f1_per_class (K,)`` and ``confusion (K, K)``."""
-    return MetricCollection(
-        {
-            "OA": MulticlassAccuracy(num_classes, average="micro"),
-            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-            "kappa": MulticlassCohenKappa(num_classes),
-            "f1_per_class": MulticlassF1Score(num_classes, average="none"),
-            "confusion": MulticlassConfusionMatrix(num_classes),
-        }
-    )
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K, K)`` counts, rows true class, columns predicted, of ``labels (N,)`` and ``preds (N,)``
+    (class indexes)."""
+    labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    flat = np.bincount(labels * num_classes + preds, minlength=num_classes**2)
+    return flat.reshape(num_classes, num_classes)
+
+
+def scores(confusion: np.ndarray | torch.Tensor) -> dict[str, float | np.ndarray]:
+    """``OA``, ``macro_f1``, ``kappa`` (floats; NaN without rows) and ``f1_per_class (K,)`` of a
+    ``(K, K)`` confusion matrix (see the module docstring)."""
+    c = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion)
+    c = c.astype(np.float64)
+    n = c.sum()
+    tp = np.diag(c)
+    support, predicted = c.sum(axis=1), c.sum(axis=0)
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(present, 2 * tp / (support + predicted), np.nan)
+        oa = tp.sum() / n
+        chance = (support * predicted).sum() / n**2
+        kappa = (oa - chance) / (1 - chance) if chance < 1 else float(oa == 1.0)
+    return {
+        "OA": float(oa),
+        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        "kappa": float(kappa),
+        "f1_per_class": f1,
+    }
+
+
+def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """Macro-F1 over the classes present in ``labels (N,)`` (see :func:`scores`)."""
+    return float(scores(confusion_matrix(labels, preds, num_classes))["macro_f1"])
+
+
+class ClassificationScores(Metric):
+    """:func:`scores` as a torchmetrics metric: accumulates the confusion matrix over batches
+    (summed across processes under DDP); ``compute()`` returns ``OA``, ``macro_f1``, ``kappa``,
+    ``f1_per_class (K,)`` and ``confusion (K, K)`` as tensors."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state(
+            "confusion",
+            default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """``logits (B, K)`` (or any scores whose argmax is the prediction), ``labels (B,)``."""
+        k = self.num_classes
+        flat = labels.long() * k + logits.argmax(dim=-1).long()
+        self.confusion += torch.bincount(flat, minlength=k * k).reshape(k, k)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = scores(self.confusion)
+        out = {name: torch.tensor(values[name], dtype=torch.float32) for name in SCALARS}
+        out["f1_per_class"] = torch.tensor(values["f1_per_class"], dtype=torch.float32)
+        out["confusion"] = self.confusion.clone()
+        return out
 
 
 def draw_confusion(

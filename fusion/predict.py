@@ -46,7 +46,7 @@ from fusion.data.tiles import BandStats, Tile, prepare_tile, read_tile, tile_inf
 from fusion.errors import InputError, InputErrors
 from fusion.io import atomic_path
 from fusion.maps import plot_prediction_map
-from fusion.metrics import classification_metrics
+from fusion.metrics import confusion_matrix, scores
 from fusion.task import FusionTask
 
 Sample = dict[str, Any]
@@ -587,8 +587,7 @@ def score(
         return {}
     x = torch.from_numpy(logits[rows]).double()
     y = torch.from_numpy(labels[rows])
-    metrics = classification_metrics(x.shape[1])
-    values = metrics(x, y)
+    values = scores(confusion_matrix(labels[rows], pred[rows], x.shape[1]))
     ece, ece_calibrated = calibration_errors(x, y, temperature)
     return {
         "n": int(rows.sum()),

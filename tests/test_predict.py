@@ -57,10 +57,10 @@ def test_the_checkpoint_is_enough(model, trained_run: TrainedRun) -> None:
 def test_manifest_form_reproduces_fusion_test(
     trained_run: TrainedRun, small_manifest: Path, series_path: Path, tmp_path: Path, capsys
 ) -> None:
-    """The val rows predicted from files alone match what ``fusion test`` wrote for them."""
+    """The test rows predicted from files alone match what ``fusion test`` wrote for them."""
     out = tmp_path / "preds.csv"
     argv = ["predict", "--ckpt_path", str(trained_run.ckpt), "--manifest", str(small_manifest),
-            "--series", str(series_path), "--split", "val", "--output", str(out)]  # fmt: skip
+            "--series", str(series_path), "--split", "test", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     tested = pd.read_csv(trained_run.root / "predictions_test.csv")
@@ -74,7 +74,7 @@ def test_manifest_form_reproduces_fusion_test(
     index = {c[2:]: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c in tested["label"]])
     log_probs = np.log(tested[classes].to_numpy(np.float32))
-    expected = score(log_probs, labels, np.zeros_like(labels), temperature=1.0)
+    expected = score(log_probs, labels, log_probs.argmax(axis=1), temperature=1.0)
     assert (
         f"OA {expected['OA']:.4f}" in printed and f"macro-F1 {expected['macro_f1']:.4f}" in printed
     )
