@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from fusion.calibration import calibrate, calibration_errors
 from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
-from fusion.metrics import classification_metrics, plot_confusion
+from fusion.metrics import SCALARS, ClassificationScores, plot_confusion
 from fusion.models.classifier import FusionClassifier
 
 Batch = dict[str, Tensor]
@@ -89,6 +90,7 @@ class FusionTask(L.LightningModule):
         self._tokens: Tensor | None = None
         self._tokens_key: str | None = None
         self._tokens_dm: Any = None
+        self.token_seconds = 0.0  # spent computing (not loading) frozen-ViT tokens
         # Softmax temperature fitted on the validation split after each validation epoch of
         # training (Guo et al. 2017), so every checkpoint carries its own calibration.
         self.register_buffer("temperature", torch.ones(()))
@@ -117,8 +119,8 @@ class FusionTask(L.LightningModule):
 
     def configure_metrics(self) -> None:
         k = len(self.classes)
-        self.val_metrics = classification_metrics(k).clone(prefix="val/")
-        self.test_metrics = classification_metrics(k).clone(prefix="test/")
+        self.val_metrics = ClassificationScores(k)
+        self.test_metrics = ClassificationScores(k)
 
     # ------------------------------------------------------------------ frozen image tokens
     @property
@@ -144,12 +146,15 @@ class FusionTask(L.LightningModule):
             dm.image_fingerprints(),
         )
         if key != self._tokens_key:
-            arrays, _ = cached_arrays(
+            start = time.perf_counter()
+            arrays, hit = cached_arrays(
                 "vit-tokens",
                 key,
                 lambda: {"tokens": self._encode_all(dm)},
                 cache_dir=self.hparams.cache_dir,
             )
+            if not hit:
+                self.token_seconds += time.perf_counter() - start
             self._tokens = torch.from_numpy(arrays["tokens"])
             self._tokens_key = key
         self._tokens_dm = dm
@@ -280,12 +285,15 @@ class FusionTask(L.LightningModule):
         _, first = np.unique(parts[0].numpy(), return_index=True)
         return tuple(t[torch.from_numpy(first)] for t in parts)
 
-    def _log_metrics(self, metrics: Any, stage: str) -> dict[str, Tensor]:
+    def _log_metrics(self, metrics: ClassificationScores, stage: str) -> dict[str, Tensor]:
+        """Log ``stage/OA``, ``stage/macro_f1``, ``stage/kappa`` and ``stage/f1/<class>`` (classes
+        present in the evaluated rows only); returns :meth:`ClassificationScores.compute`."""
         values = metrics.compute()
         metrics.reset()
-        scalars = {k: v for k, v in values.items() if v.ndim == 0}
-        for name, f1 in zip(self.classes, values[f"{stage}/f1_per_class"], strict=True):
-            scalars[f"{stage}/f1/{name}"] = f1
+        scalars = {f"{stage}/{name}": values[name] for name in SCALARS}
+        for name, f1 in zip(self.classes, values["f1_per_class"], strict=True):
+            if not torch.isnan(f1):
+                scalars[f"{stage}/f1/{name}"] = f1
         self.log_dict(scalars, prog_bar=stage == "val")
         return values
 
@@ -314,7 +322,7 @@ class FusionTask(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         values = self._log_metrics(self.test_metrics, "test")
-        self.test_confusion = values["test/confusion"].cpu()
+        self.test_confusion = values["confusion"].cpu()
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         index, labels, logits = self._all_rows(self._test_rows)  # all processes' under DDP
         ece, ece_calibrated = calibration_errors(logits, labels, self.temperature.item())
@@ -327,7 +335,7 @@ class FusionTask(L.LightningModule):
             self.test_confusion,
             self.classes,
             folder / "confusion_test.png",
-            title=f"test: OA {values['test/OA']:.3f}, macro-F1 {values['test/macro_f1']:.3f}",
+            title=f"test: OA {values['OA']:.3f}, macro-F1 {values['macro_f1']:.3f}",
         )
 
     def _predictions_frame(self, index: Tensor, label: Tensor, probs: Tensor) -> pd.DataFrame:

@@ -33,16 +33,29 @@ IMAGE_SIZE = 56  # 4x4 patches of 14 px: the real pretrained ViT, cheap on a CPU
 
 @pytest.fixture(scope="session")
 def small_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """10 train + 4 val rows per label of the real benchmark, paths made absolute."""
+    """10 train + 4 val + 4 test rows per label of the real benchmark (the test rows are val rows
+    of the benchmark), paths made absolute."""
     frame = pd.read_csv(shared_data / "paired" / "manifest.csv")
-    parts = [
-        frame[(frame["label"] == label) & (frame["split"] == split)].head(n)
-        for label in sorted(frame["label"].unique())
-        for split, n in (("train", 10), ("val", 4))
-    ]
+    parts = []
+    for label in sorted(frame["label"].unique()):
+        train = frame[(frame["label"] == label) & (frame["split"] == "train")].head(10)
+        val = frame[(frame["label"] == label) & (frame["split"] == "val")].head(8)
+        parts += [train, val.head(4), val.tail(4).assign(split="test")]
     small = pd.concat(parts)
     small["image"] = [str(shared_data / p) for p in small["image"]]
     path = tmp_path_factory.mktemp("small") / "manifest.csv"
+    small.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def places_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 rows of every sensor of the real benchmark (192 rows, 53 sensors, no split column),
+    paths made absolute: enough places per label for a place-grouped cross-validation."""
+    frame = pd.read_csv(shared_data / "paired" / "manifest.csv")
+    small = frame.groupby("sensor_id").head(3).drop(columns="split")
+    small["image"] = [str(shared_data / p) for p in small["image"]]
+    path = tmp_path_factory.mktemp("places") / "manifest.csv"
     small.to_csv(path, index=False)
     return path
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from fusion.calibration import calibrate
 from fusion.cli import main
 from fusion.data.datamodule import FusionDataModule
 from fusion.task import FusionTask
@@ -103,7 +107,7 @@ def test_cli_fit_then_test_end_to_end(trained_run: TrainedRun, small_manifest: P
     assert 0.05 <= temperature <= 20 and temperature != 1.0
     assert (trained_run.root / "confusion_test.png").is_file()
     predictions = pd.read_csv(trained_run.root / "predictions_test.csv")
-    assert len(predictions) == 6 * 4  # the val rows (the manifest has no test rows)
+    assert len(predictions) == 6 * 4  # the test rows
     probs = predictions.filter(like="p_").to_numpy()
     assert probs.shape[1] == 6 and abs(probs.sum(axis=1) - 1).max() < 1e-5
 
@@ -136,3 +140,55 @@ def test_computing_image_tokens_leaves_the_global_rng_alone(dm, vit_weights) -> 
     tokens = task._encode_all(dm)
     assert tokens.shape == (len(dm.dataset("all")), 1 + 2 * 2, 384)
     assert torch.equal(torch.rand(3), expected)
+
+
+class RowsSeen(L.Callback):
+    """Manifest rows of every training and validation batch."""
+
+    def __init__(self) -> None:
+        self.train: set[int] = set()
+        self.val: set[int] = set()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.train.update(batch["index"].tolist())
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        self.val.update(batch["index"].tolist())
+
+
+def test_the_held_out_fold_never_reaches_selection_or_the_temperature(
+    places_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path: Path
+) -> None:
+    dm = FusionDataModule(
+        manifest=str(places_manifest),
+        series=str(shared_data / "footfall" / "counts.csv.gz"),
+        split="place",
+        groups=str(shared_data / "footfall" / "sensors.csv"),
+        val_fraction=0.25,
+        folds=3,
+        fold=1,
+        image_size=IMAGE_SIZE,
+        batch_size=32,
+        cache_dir=str(tmp_path),
+    )
+    dm.setup()
+    torch.manual_seed(0)
+    task = FusionTask(data_info=dm.info(), net=net(vit_weights), cache_dir=str(tmp_path))
+    seen = RowsSeen()
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/macro_f1", mode="max")
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[seen, best], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(task, dm)
+    test_rows = set(np.flatnonzero(dm.splits == "test").tolist())
+    assert test_rows and seen.train and best.best_model_score is not None
+    # The checkpoint is chosen and the temperature fitted on the val rows alone.
+    assert seen.val == set(np.flatnonzero(dm.splits == "val").tolist())
+    assert not (seen.train | seen.val) & test_rows
+    task.eval()
+    with torch.no_grad():
+        batches = list(dm.val_dataloader())
+        logits = torch.cat([task(b) for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    assert calibrate(logits, labels).temperature == pytest.approx(task.temperature.item(), rel=1e-4)

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from fusion.calibration import calibrate
+from fusion.cli import main
 from tests.conftest import IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,10 +173,16 @@ def test_ddp_two_processes_on_cpu(fusion: Runner, uninterrupted: Path, tmp_path:
     assert math.isfinite(temperature) and temperature > 0
 
     check(fusion("test", tmp_path, "--ckpt_path", str(last), "--trainer.devices", "1", logs=False))
-    predictions = pd.read_csv(tmp_path / "predictions_test.csv")
-    assert len(predictions) == 6 * 4  # every val row once (the manifest has no test rows)
-    # The temperature was fitted on the val rows of both processes: refitting it on all rows'
+    assert len(pd.read_csv(tmp_path / "predictions_test.csv")) == 6 * 4  # every test row once
+    # The temperature was fitted on the val rows of both processes: refitting it on all val rows'
     # logits (recovered up to a per-row shift, which softmax ignores) gives it back.
+    out = tmp_path / "val.csv"
+    manifest, series = (
+        fusion.args[fusion.args.index(f"--data.{k}") + 1] for k in ("manifest", "series")
+    )
+    assert main(["predict", "--ckpt_path", str(last), "--manifest", manifest, "--series", series,
+                 "--split", "val", "--output", str(out)]) == 0  # fmt: skip
+    predictions = pd.read_csv(out).merge(pd.read_csv(manifest)[["sample_id", "label"]])
     probs = predictions.filter(like="p_")
     classes = [c.removeprefix("p_") for c in probs.columns]
     logits = torch.from_numpy(np.log(probs.to_numpy()) * temperature)

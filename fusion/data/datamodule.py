@@ -2,8 +2,9 @@
 
 It owns everything between the user's files and the model's batches: checking the manifest (all
 problems reported together, before any training), the class list, the splits (the manifest's own,
-a seeded stratified one, or a place-disjoint one grouped by series key), per-band normalisation
-statistics (training rows only), class weights, the cached series windows and the loaders.
+a seeded stratified one, or a place-disjoint one grouped by series key; optionally inside one fold
+of a place-grouped cross-validation), per-band normalisation statistics (training rows only, or
+fixed), class weights, the cached series windows and the loaders.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
@@ -32,7 +32,7 @@ from fusion.data.manifest import (
 )
 from fusion.data.samples import SeriesArrays, build_series_windows, scan_tiles
 from fusion.data.series import CALENDAR_FEATURES, SeriesTable
-from fusion.data.splits import group_split, single_group_labels, stratified_split
+from fusion.data.splits import group_folds, group_split, single_group_labels, stratified_split
 from fusion.data.tiles import BandStats
 from fusion.errors import InputError, InputErrors
 
@@ -80,13 +80,23 @@ class FusionDataModule(L.LightningDataModule):
         image_size: side of the square model input, pixels.
         bands: 1-based band indexes to read (default: all).
         nodata: nodata value overriding the files' own.
+        band_stats: fixed per-band ``{"mean": [...], "std": [...]}`` in the tiles' units (e.g. the
+            normalisation a pretrained ViT expects); default: computed on the training rows.
         classes: fixed class list (default: the sorted labels of the manifest).
         split: ``manifest`` (its ``split`` column; rows without one get a seeded stratified split),
             ``stratified`` (seeded, per label) or ``place`` (place-disjoint: whole series keys, or
             groups of them, go to train or val). ``test`` rows always stay test.
         val_fraction: share of rows (stratified) or of places per label (place) sent to val.
-        seed: seed of the splits and of the training loader's shuffling (epoch ``e`` by
-            ``seed + e``, see :class:`EpochShuffle`; under DDP by ``seed_everything + e``).
+        folds: ``K >= 2`` for place-grouped K-fold cross-validation (0: none). The places are
+            dealt into ``K`` folds stratified by label (:func:`fusion.data.splits.group_folds`);
+            the rows of fold ``fold`` are the test rows, and the other rows are split into train
+            and val by ``split`` (``place`` or ``stratified``), so checkpoint selection and the
+            temperature never see the test rows. Labels with a single place are never tested
+            (:attr:`single_place_labels`). The manifest's ``split`` column is not used.
+        fold: the held-out fold, ``0 .. K-1``.
+        seed: seed of the splits (the fold assignment: a new seed is a new repeat of the
+            cross-validation) and of the training loader's shuffling (epoch ``e`` by ``seed + e``,
+            see :class:`EpochShuffle`; under DDP by ``seed_everything + e``).
         groups: optional CSV mapping ``key_column`` to ``group_column`` (e.g. the footfall
             ``sensors.csv`` with ``holdout_group``: nearby sensors move together in a place split).
         batch_size, num_workers: loader settings.
@@ -108,9 +118,12 @@ class FusionDataModule(L.LightningDataModule):
         image_size: int = 224,
         bands: Sequence[int] | None = None,
         nodata: float | None = None,
+        band_stats: dict[str, list[float]] | None = None,
         classes: Sequence[str] | None = None,
         split: SplitMode = "manifest",
         val_fraction: float = 0.2,
+        folds: int = 0,
+        fold: int = 0,
         seed: int = 0,
         groups: str | None = None,
         group_column: str = "holdout_group",
@@ -133,11 +146,18 @@ class FusionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.classes: ClassList | None = None
-        self.band_stats: BandStats | None = None
+        self.band_stats = None if band_stats is None else BandStats.from_dict(band_stats)
+        if folds and not (folds >= 2 and 0 <= fold < folds and split in ("place", "stratified")):
+            raise ValueError(
+                f"cross-validation needs folds >= 2, 0 <= fold < folds and split 'place' or "
+                f"'stratified'; got folds={folds}, fold={fold}, split='{split}'"
+            )
         self.frame: pd.DataFrame | None = None
         self.splits: np.ndarray | None = None
-        # Labels with a single place: a place-disjoint split cannot hold them out.
-        self.unseen_labels: list[str] = []
+        self.groups: np.ndarray | None = None  # (N,) place of each row
+        self.fold_of: np.ndarray | None = None  # (N,) fold of each row, -1 never tested
+        # Labels with a single place: no place-disjoint split can hold them out.
+        self.single_place_labels: list[str] = []
         self._datasets: dict[str, PairedDataset] = {}
 
     # ------------------------------------------------------------------ preparation
@@ -228,22 +248,29 @@ class FusionDataModule(L.LightningDataModule):
 
     def _split(self, frame: pd.DataFrame, labels: list[str]) -> np.ndarray:
         hp = self.hparams
-        given = frame["split"].to_numpy(dtype=object) if "split" in frame.columns else None
-        splits = np.array(given if given is not None else [""] * len(frame), dtype=object)
-        # "manifest" fills only rows without a split; the other modes re-split all but test rows.
-        todo = splits == "" if hp.split == "manifest" else splits != "test"
+        groups = self.groups = np.array(self._groups(frame), dtype=object)
+        self.single_place_labels = single_group_labels(labels, groups.tolist())
+        if hp.folds:
+            self.fold_of = group_folds(labels, groups.tolist(), folds=hp.folds, seed=hp.seed)
+            splits = np.where(self.fold_of == hp.fold, "test", "").astype(object)
+            seed: int | tuple[int, int] = (hp.seed, hp.fold)  # each fold its own inner split
+            todo = splits == ""
+        else:
+            given = frame["split"].to_numpy(dtype=object) if "split" in frame.columns else None
+            splits = np.array(given if given is not None else [""] * len(frame), dtype=object)
+            seed = hp.seed
+            # "manifest" fills only rows without a split; the other modes re-split all but test.
+            todo = splits == "" if hp.split == "manifest" else splits != "test"
         rows = np.flatnonzero(todo)
         if len(rows) == 0:
             return splits
         sub_labels = [labels[i] for i in rows]
         if hp.split == "place":
-            groups = self._groups(frame)
             splits[rows] = group_split(
-                sub_labels, [groups[i] for i in rows], val_fraction=hp.val_fraction, seed=hp.seed
+                sub_labels, groups[rows].tolist(), val_fraction=hp.val_fraction, seed=seed
             )
-            self.unseen_labels = single_group_labels(sub_labels, [groups[i] for i in rows])
         else:
-            splits[rows] = stratified_split(sub_labels, val_fraction=hp.val_fraction, seed=hp.seed)
+            splits[rows] = stratified_split(sub_labels, val_fraction=hp.val_fraction, seed=seed)
         return splits
 
     def _groups(self, frame: pd.DataFrame) -> list[str]:
@@ -365,10 +392,15 @@ class FusionDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        if len(self.dataset("test")):
-            return self._loader("test", shuffle=False)
-        rank_zero_warn(f"{self.manifest_path} has no test rows: testing on the val rows")
-        return self._loader("val", shuffle=False)
+        if not len(self.dataset("test")):
+            raise InputError(
+                "no test rows: the val rows choose the checkpoint and the temperature, so scores "
+                "on them would flatter the model. Hold out places with --data.folds K "
+                "--data.fold I (the same settings for fit and test), mark rows 'test' in the "
+                "manifest's split column, or use `fusion validate` for the val rows",
+                file=self.manifest_path,
+            )
+        return self._loader("test", shuffle=False)
 
     # ------------------------------------------------------------------ saved with the model
     def info(self) -> dict[str, Any]:

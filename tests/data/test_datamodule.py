@@ -110,8 +110,50 @@ def test_place_split_is_sensor_disjoint(shared_data: Path, cache_dir: Path) -> N
     groups_train = set(sensors.loc[list(train), "holdout_group"])
     groups_val = set(sensors.loc[list(val), "holdout_group"])
     assert not groups_train & groups_val  # nearby sensors move together
-    assert dm.unseen_labels == ["park"]  # one park sensor: it cannot be held out
+    assert dm.single_place_labels == ["park"]  # one park sensor: it cannot be held out
     assert "park" not in set(frame["label"][dm.splits == "val"])
+
+
+def test_a_cross_validation_fold_holds_out_whole_places(shared_data: Path, cache_dir: Path) -> None:
+    dm = FusionDataModule(
+        manifest=str(shared_data / "paired" / "manifest.csv"),
+        split="place",
+        groups=str(shared_data / "footfall" / "sensors.csv"),
+        folds=5,
+        fold=2,
+        seed=1,
+        cache_dir=str(cache_dir),
+        image_size=56,
+        band_stats={"mean": [120.0, 120.0, 110.0], "std": [60.0, 55.0, 55.0]},
+    )
+    dm.setup()
+    assert (np.flatnonzero(dm.splits == "test") == np.flatnonzero(dm.fold_of == 2)).all()
+    places = {name: set(dm.groups[dm.splits == name]) for name in ("train", "val", "test")}
+    assert all(places.values())
+    # Test places are neither trained on nor used to choose the checkpoint or the temperature,
+    # and the inner val places are not trained on.
+    assert not places["test"] & (places["train"] | places["val"])
+    assert not places["train"] & places["val"]
+    assert dm.single_place_labels == ["park"]
+    assert "park" not in set(dm.frame["label"][dm.splits == "test"])
+    assert len(dm.dataset("test")) == (dm.splits == "test").sum()
+    # Fixed band statistics are used as given (not computed on the training rows).
+    assert dm.info()["band_stats"] == {"mean": [120.0, 120.0, 110.0], "std": [60.0, 55.0, 55.0]}
+
+
+def test_cross_validation_needs_a_place_or_stratified_inner_split(shared_data: Path) -> None:
+    manifest = str(shared_data / "paired" / "manifest.csv")
+    with pytest.raises(ValueError, match="cross-validation needs"):
+        FusionDataModule(manifest=manifest, split="manifest", folds=5)
+    with pytest.raises(ValueError, match="cross-validation needs"):
+        FusionDataModule(manifest=manifest, split="place", folds=5, fold=5)
+
+
+def test_testing_without_test_rows_is_an_error_not_the_val_rows(
+    benchmark: FusionDataModule,
+) -> None:
+    with pytest.raises(InputError, match="no test rows: the val rows choose the checkpoint"):
+        benchmark.test_dataloader()
 
 
 # ---------------------------------------------------------------------- bad input
