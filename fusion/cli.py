@@ -7,7 +7,8 @@
 - ``fusion data inspect --manifest FILE``: what a manifest holds, as tables and a gallery.
 - ``fusion bench --output results/bench``: cost of every variant against the bare ViT
   (:mod:`fusion.bench`).
-- ``fusion ablate|compare|report``: experiments over seeds (:mod:`fusion.experiments`).
+- ``fusion ablate|compare|report``: experiments judged by place-grouped cross-validation
+  (:mod:`fusion.experiments`).
 """
 
 from __future__ import annotations
@@ -173,7 +174,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per setting")
+    common.add_argument("--folds", type=int, default=5, help="place-grouped folds (K >= 2)")
+    common.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="repeats of the cross-validation; repeat r reshuffles folds, inner split, order and "
+        "initialisation with seed r",
+    )
     common.add_argument("--output", required=True, type=Path, help="results folder")
     common.add_argument(
         "overrides",
@@ -181,15 +189,20 @@ def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
         help="after --: settings passed to every run, e.g. -- --trainer.max_epochs 5",
     )
     p = sub.add_parser(
-        "ablate", parents=[common], help="train+test each MBT fusion depth over seeds"
+        "ablate",
+        parents=[common],
+        help="cross-validate each MBT fusion depth on held-out places",
     )
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--depths", nargs="+", default=["early", "mid", "late"])
     p = sub.add_parser(
-        "compare", parents=[common], help="train+test models over seeds, against a baseline"
+        "compare",
+        parents=[common],
+        help="cross-validate models on held-out places, against a baseline and image-only model",
     )
     p.add_argument("--configs", nargs="+", required=True, help="names in configs/ or YAML paths")
-    p.add_argument("--baseline", default="bilstm")
+    p.add_argument("--baseline", default="bilstm", help="series-only baseline (always run)")
+    p.add_argument("--reference", default="vit", help="image-only model compared with (if run)")
     p = sub.add_parser("report", help="write the README's Results section from result folders")
     p.add_argument("--ablation", type=Path)
     p.add_argument("--compare", type=Path)
@@ -202,13 +215,16 @@ def _experiment(args: argparse.Namespace) -> int:
     overrides = [a for a in (getattr(args, "overrides", None) or []) if a != "--"]
     if args.command == "ablate":
         args.output.mkdir(parents=True, exist_ok=True)
-        experiments.ablate(args.config, args.depths, args.seeds, args.output, overrides)
+        experiments.ablate(
+            args.config, args.depths, args.folds, args.repeats, args.output, overrides
+        )
         print((args.output / "summary.md").read_text())
     elif args.command == "compare":
         args.output.mkdir(parents=True, exist_ok=True)
         experiments.compare(
-            args.configs, args.seeds, args.output, baseline=args.baseline, overrides=overrides
-        )
+            args.configs, args.folds, args.repeats, args.output, baseline=args.baseline,
+            reference=args.reference, overrides=overrides,
+        )  # fmt: skip
         print((args.output / "summary.md").read_text())
     else:
         experiments.write_readme_results(args.readme, args.ablation, args.compare)

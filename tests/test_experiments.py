@@ -1,4 +1,5 @@
-"""``fusion ablate`` / ``compare`` / ``report`` end to end on a slice of the real benchmark."""
+"""``fusion ablate`` / ``compare`` / ``report`` end to end on a slice of the real benchmark,
+judged by place-grouped cross-validation; the cluster bootstrap."""
 
 from __future__ import annotations
 
@@ -7,21 +8,18 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from torchmetrics.functional.classification import multiclass_f1_score
 
 from fusion import cli as cli_module
 from fusion.cli import main
-from fusion.experiments import bootstrap_difference, macro_f1
+from fusion.experiments import OOF_FILE, cluster_bootstrap
 
 
 @pytest.fixture(scope="module")
-def overrides(small_manifest, shared_data, vit_weights, tmp_path_factory) -> list[str]:
+def overrides(places_manifest, shared_data, vit_weights, tmp_path_factory) -> list[str]:
     cache = tmp_path_factory.mktemp("cache")
     return [
-        "--data.manifest", str(small_manifest),
+        "--data.manifest", str(places_manifest),
         "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
-        "--data.split", "manifest",
         "--data.image_size", "56",
         "--data.cache_dir", str(cache),
         "--model.net.vit_weights", str(vit_weights),
@@ -31,45 +29,45 @@ def overrides(small_manifest, shared_data, vit_weights, tmp_path_factory) -> lis
     ]  # fmt: skip
 
 
-def test_ablate_writes_tables_and_plot_and_resumes(overrides, tmp_path, monkeypatch) -> None:
-    out = tmp_path / "ablation"
-    argv = ["ablate", "--config", "configs/mbt_mid.yaml", "--depths", "early", "late",
-            "--seeds", "2", "--output", str(out), "--", *overrides]  # fmt: skip
+def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
+    overrides, places_manifest, shared_data, tmp_path, monkeypatch
+) -> None:
+    out = tmp_path / "compare"
+    argv = ["compare", "--configs", "vit", "--folds", "3", "--repeats", "2",
+            "--output", str(out), "--", *overrides]  # fmt: skip
     assert main(argv) == 0
     results = pd.read_csv(out / "results.csv")
-    assert list(results["depth"]) == ["early", "early", "late", "late"]
-    assert list(results["seed"]) == [0, 1, 0, 1]
-    assert list(results["fusion_layer"]) == [0, 0, 4, 4]
-    assert results["OA"].between(0, 1).all() and (results["train_seconds"] > 0).all()
-    assert {"macro_f1", "kappa", "f1_park", "parameters", "inference_samples_per_s"} <= set(
-        results.columns
-    )
+    assert len(results) == 2 * 2 * 3  # (model, repeat, fold)
+    assert list(dict.fromkeys(results["setting"])) == ["bilstm", "vit"]
+    assert all(sorted(f) == [0, 1, 2] for _, f in results.groupby(["setting", "repeat"])["fold"])
+    assert {"macro_f1", "ece", "token_seconds", "train_seconds", "vit_tokens"} <= set(results)
+
+    manifest = pd.read_csv(places_manifest)
+    oof = pd.read_csv(out / OOF_FILE)
+    evaluable = manifest.index[manifest["label"] != "park"]  # park: a single place
+    for (setting, repeat), part in oof.groupby(["setting", "repeat"]):
+        # Every row of an evaluable class, exactly once, by the fold that held its place out.
+        assert sorted(part["row"]) == list(evaluable), (setting, repeat)
+        assert (part.groupby("group")["fold"].nunique() == 1).all()
+    # A new repeat deals the places into other folds.
+    folds = oof[oof["setting"] == "vit"].pivot(index="row", columns="repeat", values="fold")
+    assert (folds[0] != folds[1]).any()
+
     summary = (out / "summary.md").read_text()
-    assert "| early |" in summary and "±" in summary
-    assert (out / "ablation.png").stat().st_size > 10_000
-    assert not list(out.glob("runs/*/checkpoints"))  # tested runs keep no checkpoints
+    assert "place-grouped 3-fold cross-validation, 2 repeats" in summary
+    assert "Not evaluable on new places: park" in summary
+    assert "## Against bilstm" in summary and "## Against vit" in summary
+    assert "| vit |" in summary and "±" in summary
+    for image in ("compare.png", "confusion.png"):
+        assert (out / image).stat().st_size > 10_000
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(cli_module, "build_cli", no_training)
     assert main(argv) == 0  # everything resumes from result.json
-    assert pd.read_csv(out / "results.csv").equals(results)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), results)
 
-
-def test_compare_against_the_baseline_and_report(overrides, tmp_path) -> None:
-    out = tmp_path / "compare"
-    argv = ["compare", "--configs", "concat", "vit", "--seeds", "2", "--output", str(out),
-            "--", *overrides]  # fmt: skip
-    assert main(argv) == 0
-    results = pd.read_csv(out / "results.csv")
-    assert list(results["model"]) == ["bilstm"] * 2 + ["concat"] * 2 + ["vit"] * 2
-    summary = (out / "summary.md").read_text()
-    assert "Against the bilstm baseline" in summary and "| concat |" in summary
-    run = json.loads((out / "runs" / "concat-seed1" / "result.json").read_text())
-    assert np.array(run["confusion"]).sum() == run["test_samples"] == 24
-    for image in ("compare.png", "confusion.png"):
-        assert (out / image).stat().st_size > 10_000
     readme = tmp_path / "README.md"
     readme.write_text("# project\n\nintro\n")
     for _ in range(2):  # writing twice replaces the section, never duplicates it
@@ -77,24 +75,36 @@ def test_compare_against_the_baseline_and_report(overrides, tmp_path) -> None:
     text = readme.read_text()
     assert text.count("## Results") == 1 and "paired by label only" in text
     assert "](compare/compare.png)" in text and text.startswith("# project")
+    assert "place-grouped 3-fold cross-validation" in text
 
 
-def test_macro_f1_matches_torchmetrics() -> None:
-    rng = np.random.default_rng(0)
-    labels, preds = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
-    preds[preds == 4] = 3  # a class never predicted
-    expected = multiclass_f1_score(
-        torch.tensor(preds), torch.tensor(labels), num_classes=6, average="macro"
-    )  # class 5 never occurs at all: ignored by both
-    assert macro_f1(labels, preds, 6) == pytest.approx(float(expected))
+def test_ablate_cross_validates_each_depth(overrides, tmp_path) -> None:
+    out = tmp_path / "ablation"
+    argv = ["ablate", "--config", "configs/mbt_mid.yaml", "--depths", "early", "late",
+            "--folds", "2", "--repeats", "1", "--output", str(out), "--", *overrides]  # fmt: skip
+    assert main(argv) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert list(results["setting"]) == ["early", "early", "late", "late"]
+    assert list(results["fusion_layer"]) == [0, 0, 4, 4]
+    assert results["OA"].between(0, 1).all() and (results["train_seconds"] > 0).all()
+    run = json.loads((out / "runs" / "late" / "repeat0-fold1" / "result.json").read_text())
+    assert np.array(run["confusion"]).sum() == run["test_rows"] > 0
+    assert (out / "ablation.png").stat().st_size > 10_000
+    assert not list(out.glob("runs/*/*/checkpoints"))  # tested runs keep no checkpoints
 
 
-def test_bootstrap_interval() -> None:
-    classes = ["a", "b"]
-    rows = np.arange(100)
-    labels = np.where(rows % 2 == 0, "a", "b")
-    truth = pd.DataFrame({"row": rows, "label": labels, "pred": labels})
-    wrong = truth.assign(pred=np.where(rows < 30, np.where(labels == "a", "b", "a"), labels))
-    assert bootstrap_difference([truth], [truth], classes, n_boot=50) == (0.0, 0.0, 0.0)
-    mean, low, high = bootstrap_difference([truth], [wrong], classes, n_boot=200)
-    assert mean == pytest.approx(0.3, abs=0.01) and 0 < low < mean < high
+def test_cluster_bootstrap_resamples_places_not_rows() -> None:
+    # 2 classes x 6 places x 40 rows. The model is right on every row of 4 places per class and
+    # wrong on every row of the other 2; the reference is always right. Rows of one place are
+    # perfectly correlated, so resampling rows understates the uncertainty.
+    places = np.repeat(np.arange(12), 40)
+    labels = (places >= 6).astype(int)
+    model = np.where(places % 6 < 4, labels, 1 - labels)
+    by_place = cluster_bootstrap(labels, places, [model], [labels], 2, n_boot=400)
+    by_row = cluster_bootstrap(labels, np.arange(len(labels)), [model], [labels], 2, n_boot=400)
+    assert by_place[0] == by_row[0] == pytest.approx(2 / 3 - 1)  # same observed difference
+    width_place, width_row = by_place[2] - by_place[1], by_row[2] - by_row[1]
+    assert width_place > 3 * width_row, (width_place, width_row)
+    assert by_place[1] < by_place[0] < by_place[2] <= 0
+    # A model equal to its reference differs by exactly 0 in every resample.
+    assert cluster_bootstrap(labels, places, [labels], [labels], 2, n_boot=50) == (0.0, 0.0, 0.0)
