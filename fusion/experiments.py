@@ -132,6 +132,8 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "confusion": confusion_matrix(labels, preds, len(task.classes)).tolist(),
     }
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    for copy in ("predictions_test.csv", "confusion_test.png"):  # in predictions.csv, result.json
+        (folder / copy).unlink(missing_ok=True)
     with atomic_path(folder / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
     _write_atomic(result_file, json.dumps(result, indent=1))
@@ -548,7 +550,8 @@ def write_readme_results(readme: Path, ablation: Path | None, comparison: Path |
         "Real AID aerial tiles and real hourly pedestrian counts (Melbourne, Auckland), "
         "**paired by label only**: image and series of a sample come from different places, so "
         "these numbers measure class evidence from each view, not co-located cross-modal cues. "
-        "CPU, frozen ViT.",
+        "CPU, frozen ViT. Seconds were measured with one torch thread per job while two or three "
+        "jobs shared the 2-core CPU: compare them within a table, roughly.",
         "",
     ]
     for folder, images in (

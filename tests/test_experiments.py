@@ -91,6 +91,7 @@ def test_ablate_cross_validates_each_depth(overrides, tmp_path) -> None:
     assert np.array(run["confusion"]).sum() == run["test_rows"] > 0
     assert (out / "ablation.png").stat().st_size > 10_000
     assert not list(out.glob("runs/*/*/checkpoints"))  # tested runs keep no checkpoints
+    assert not list(out.glob("runs/*/*/predictions_test.csv"))  # nor copies of predictions
 
 
 def test_cluster_bootstrap_resamples_places_not_rows() -> None:
