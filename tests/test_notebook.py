@@ -1,4 +1,5 @@
-"""The quickstart notebook runs top to bottom (quick mode, real data) and shows its results."""
+"""The quickstart notebook: committed executed on the whole benchmark, and run top to bottom in
+quick mode (real data) by the tests."""
 
 from __future__ import annotations
 
@@ -46,12 +47,55 @@ def python3_kernel_of_this_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     return "python3"
 
 
+def _outputs(nb: nbformat.NotebookNode) -> tuple[list[nbformat.NotebookNode], list[str]]:
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    return code, [_texts(c) for c in code]
+
+
+def _check_sections(nb: nbformat.NotebookNode) -> None:
+    """What every executed quickstart shows: the splits, the test metrics with the confusion
+    matrix, the comparison (or how to make it) and the predictions."""
+    code, texts = _outputs(nb)
+    (counts_cell,) = [c for c in code if "dm.split_counts()" in c.source]
+    counts = _texts(counts_cell)
+    assert "train" in counts and "val" in counts and "test" in counts
+    for label in ("civic", "commercial", "park", "railway_station", "residential", "school"):
+        assert label in counts
+    assert "not evaluable on new places (a single place, always trained on): ['park']" in counts
+
+    (metrics,) = [t for t in texts if "test/OA" in t]
+    assert "test/macro_f1" in metrics and "test/kappa" in metrics
+    assert "test/ece_calibrated" in metrics
+    assert _images(code[texts.index(metrics)]) == 1  # the confusion matrix written by test
+
+    (comparison,) = [c for c in code if 'COMPARE / "compare.png"' in c.source]
+    assert _images(comparison) == 1 or "fusion compare" in _texts(comparison)
+    predictions = [c for c in code if "task.calibrated(" in c.source]
+    assert len(predictions) == 1 and _images(predictions[0]) == 1
+    # Figures: the tile + series, the confusion matrix and the predictions (at least).
+    assert sum(_images(c) for c in code) >= 3
+
+
+def test_the_committed_quickstart_was_executed_in_full_mode() -> None:
+    """The repository shows the notebook's tables and figures on the whole benchmark."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code, texts = _outputs(nb)
+    assert all(c.execution_count for c in code), "commit the notebook executed, top to bottom"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert "quick mode: False" in texts[0]
+    assert not any(out.output_type == "error" for c in code for out in c.outputs)
+    _check_sections(nb)
+    (comparison,) = [c for c in code if 'COMPARE / "compare.png"' in c.source]
+    assert _images(comparison) == 1  # the committed results/compare exists
+
+
 def test_quickstart_notebook_runs_in_quick_mode(
     python3_kernel_of_this_venv: str, shared_data: Path, vit_weights: Path, monkeypatch
 ) -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    stored = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not stored, "commit the notebook without outputs"
+    for cell in nb.cells:  # run it as a new user would: nothing from the committed run
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
 
     # The kernel inherits this environment: quick sizes, the real data bundle.
     monkeypatch.setenv("FUSION_QUICK", "1")
@@ -70,28 +114,8 @@ def test_quickstart_notebook_runs_in_quick_mode(
     elapsed = time.perf_counter() - start
     print(f"notebook ran in {elapsed:.1f} s")
 
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    texts = [_texts(c) for c in code]
+    _, texts = _outputs(nb)
     # The kernel is this virtual environment's Python, not whichever python3 Jupyter finds.
     assert f"KERNEL_PREFIX={sys.prefix}" in texts[-1]
     assert "quick mode: True" in texts[0]
-
-    (counts_cell,) = [c for c in code if "dm.split_counts()" in c.source]
-    counts = _texts(counts_cell)
-    assert "train" in counts and "val" in counts
-    for label in ("civic", "commercial", "park", "railway_station", "residential", "school"):
-        assert label in counts
-
-    (metrics,) = [t for t in texts if "test/OA" in t]
-    assert "test/macro_f1" in metrics and "test/kappa" in metrics
-    metrics_cell = code[texts.index(metrics)]
-    assert _images(metrics_cell) == 1  # the confusion matrix PNG written by trainer.test
-
-    ablation = [c for c in code if "ABLATION_PNG.is_file()" in c.source]
-    assert len(ablation) == 1
-    assert _images(ablation[0]) == 1 or "fusion ablate" in _texts(ablation[0])
-
-    # Figures: the tile + series, the confusion matrix and the predictions (at least).
-    assert sum(_images(c) for c in code) >= 3
-    predictions = [c for c in code if ".softmax(-1)" in c.source]
-    assert len(predictions) == 1 and _images(predictions[0]) == 1
+    _check_sections(nb)
