@@ -10,6 +10,7 @@ measured by the expected calibration error (ECE) over equal-width confidence bin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,35 +77,60 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> floa
     return float(F.cross_entropy(logits / temperature, labels))
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
-    """The ``T`` in ``[0.05, 20]`` minimising the mean NLL of ``softmax(logits / T)``.
+def fit_view_weights(
+    heads: Sequence[torch.Tensor], labels: torch.Tensor, max_iter: int = 100
+) -> tuple[float, ...]:
+    """Weights ``w_h`` in ``(0, 20]`` minimising the mean NLL of ``softmax(sum_h w_h z_h)``.
 
-    ``logits (N, K)``, ``labels (N,)``. Optimises ``log T`` from 0 (``T = 1``) with L-BFGS
-    (strong Wolfe line search) in float64 on detached CPU copies; gradients are enabled locally,
-    so callers may be inside ``torch.no_grad()`` or ``torch.inference_mode()``. Draws no random
-    numbers.
+    Temperature scaling for several heads at once: ``heads`` are logits ``z_h (N, K)`` of the
+    same rows (e.g. a fused head and per-view experts; a head that does not apply to a row holds
+    zeros there), ``labels (N,)``. With one head, ``w = 1 / T``. Fitted on held-out rows, the
+    weights say how far each head can be trusted there; a head that does not help there is
+    weighed towards 0. With several heads the overall scale is refitted last, so the pool's
+    temperature is the NLL optimum for the fitted proportions. Optimises ``log w`` from 0 with
+    L-BFGS (strong Wolfe line search) in float64 on detached CPU copies; gradients are enabled
+    locally, so callers may be inside ``torch.no_grad()`` or ``torch.inference_mode()``. Draws no
+    random numbers.
     """
-    _check(logits, labels, "logits")
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits must be finite")
+    if not heads:
+        raise ValueError("no heads to weigh")
+    for z in heads:
+        _check(z, labels, "logits")
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("logits must be finite")
     with torch.inference_mode(False), torch.enable_grad():
-        x, y = _cpu64(logits, labels)
-        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        xs = [_cpu64(z, labels)[0] for z in heads]
+        y = _cpu64(heads[0], labels)[1]
+        log_w = torch.zeros(len(xs), dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS(
-            [log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+            [log_w], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
         )
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = F.cross_entropy(x * torch.exp(-log_t), y)
+            loss = F.cross_entropy(sum(x * torch.exp(w) for x, w in zip(xs, log_w, strict=True)), y)
             loss.backward()
             return loss
 
         optimizer.step(closure)
-        value = float(log_t.detach())
-    if math.isnan(value):
-        raise RuntimeError("temperature fit diverged (log T is NaN)")
-    return min(max(math.exp(min(value, 700.0)), T_MIN), T_MAX)
+        values = log_w.detach().tolist()
+    if any(math.isnan(v) for v in values):
+        raise RuntimeError("weight fit diverged (a log weight is NaN)")
+    weights = [math.exp(min(v, 700.0)) for v in values]
+    if len(heads) > 1:  # then the overall scale alone, exactly: the temperature of the pool
+        pooled = sum(w * x for w, x in zip(weights, xs, strict=True))
+        (scale,) = fit_view_weights([pooled], y, max_iter)
+        weights = [w * scale for w in weights]
+    return tuple(min(w, 1 / T_MIN) for w in weights)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """The ``T`` in ``[0.05, 20]`` minimising the mean NLL of ``softmax(logits / T)``.
+
+    ``logits (N, K)``, ``labels (N,)``: :func:`fit_view_weights` with one head, ``T = 1 / w``.
+    """
+    (weight,) = fit_view_weights([logits], labels, max_iter)
+    return min(1.0 / weight, T_MAX) if weight > 0 else T_MAX
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,7 @@ def build_cli(argv: list[str], run: bool = True):
 
     ``run=False`` parses and instantiates only (``argv`` without a subcommand); the caller drives
     ``cli.trainer``, ``cli.model`` and ``cli.datamodule`` (see :mod:`fusion.experiments`).
+    ``fusion fit --refit true`` trains in two stages (:func:`refit`).
     """
     from lightning.pytorch.cli import LightningCLI
 
@@ -269,12 +270,25 @@ def build_cli(argv: list[str], run: bool = True):
             parser.link_arguments(
                 "data", "model.data_info", compute_fn=lambda dm: dm.info(), apply_on="instantiate"
             )
+            parser.add_argument(
+                "--refit",
+                type=bool,
+                default=False,
+                help="after fitting (stage 1: the val places fit the heads' weights), train a "
+                "fresh model on every place (train and val) for as many epochs, with stage 1's "
+                "weights; its checkpoints replace stage 1's, which move to 'heldout/' beside them",
+            )
 
         def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
             parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
             # Checkpoints are loaded as data only: never run pickled code from a file.
             parser.set_defaults(weights_only=True)
             return parser
+
+        def after_fit(self) -> None:
+            config = self.config["fit"]
+            if config["refit"]:
+                refit(argv[1:], self.trainer, self.model, config["data"]["inner_folds"])
 
     return FusionCLI(
         FusionTask,
@@ -285,6 +299,47 @@ def build_cli(argv: list[str], run: bool = True):
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def refit(argv: list[str], trainer, stage1, inner_folds: int = 0):
+    """Stage 2 of a fit: a fresh model trained on every place stage 1 saw (its train and val
+    rows; the test rows stay out) for the same number of epochs, pooling its heads with weights
+    fitted on held-out places.
+
+    Those weights are stage 1's, fitted on its val places; with ``inner_folds >= 2``
+    (cross-fitting) a model is also trained for every other inner fold, and the weights are
+    fitted on the val rows of them all, so every training place weighs the heads once. Stage 1's
+    checkpoints move to ``heldout/`` in their folder; stage 2's take their place. ``argv``:
+    stage 1's settings (no subcommand). Returns stage 2's CLI.
+    """
+    import shutil
+
+    import torch
+
+    from fusion.calibration import fit_view_weights
+
+    folder = Path(trainer.checkpoint_callback.dirpath)
+    heldout = folder / "heldout"
+    shutil.rmtree(heldout, ignore_errors=True)
+    heldout.mkdir(parents=True)
+    for ckpt in folder.glob("*.ckpt"):
+        ckpt.rename(heldout / ckpt.name)
+    if inner_folds >= 2:
+        parts = [stage1.held_out_heads(trainer.datamodule)]
+        for k in range(1, inner_folds):
+            inner = build_cli(
+                [*argv, "--data.inner_fold", str(k), "--refit", "false",
+                 "--trainer.callbacks.dirpath", str(heldout / f"inner{k}")],
+                run=False,
+            )  # fmt: skip
+            inner.trainer.fit(inner.model, inner.datamodule)
+            parts.append(inner.model.held_out_heads(inner.datamodule))
+        heads, labels = (torch.cat(column) for column in zip(*parts, strict=True))
+        stage1.set_view_weights(fit_view_weights(heads.unbind(dim=1), labels))
+    cli = build_cli([*argv, "--data.val_fraction", "0", "--refit", "false"], run=False)
+    cli.model.calibrate_like(stage1)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,30 +38,53 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fusion.calibration import expected_calibration_error
+from fusion.calibration import calibration_errors, expected_calibration_error
 from fusion.io import atomic_path
 from fusion.metrics import SCALARS, confusion_matrix, draw_confusion, macro_f1, scores
 from fusion.plots import save_figure
+from fusion.task import VIEWS
 
 POOLED = (*SCALARS, "ece", "ece_calibrated")
 OOF_FILE = "oof_predictions.csv.gz"
+LINEAR_PROBE = "linear_probe"
 
 
 @dataclass
 class RunSpec:
     """One training run: a config, CLI overrides (``--key value`` pairs) and its place in the
-    cross-validation (``repeat`` seeds the folds, inner split, order and initialisation)."""
+    cross-validation (``repeat`` seeds the folds, inner split, order and initialisation).
+    ``kind``: ``"lightning"`` (train the config's model) or ``"linear_probe"`` (a logistic
+    regression on the frozen ViT features of the config's data, :mod:`fusion.linear_probe`)."""
 
     config: Path
     repeat: int
     fold: int
     folds: int
     overrides: list[str] = field(default_factory=list)
+    kind: str = "lightning"
+
+
+@dataclass
+class Outcome:
+    """What a run produced on its test rows, and what it cost."""
+
+    predictions: pd.DataFrame  # row, label, pred, p_<class> (calibrated)
+    ece: float
+    ece_calibrated: float
+    temperature: float
+    parameters: int
+    trainable_parameters: int
+    token_seconds: float
+    train_seconds: float
+    test_seconds: float
+    vit_tokens: str  # "cached" (frozen ViT tokens read from the cache) or "none"
+    fusion_layer: int | None = None
+    view_weights: dict[str, float] = field(default_factory=dict)  # each head's share
 
 
 def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
-    """Fit on the training folds, test the best checkpoint on the held-out fold, and record the
-    run in ``folder/result.json`` and ``folder/predictions.csv``.
+    """Fit on the training folds, test on the held-out fold, and record the run in
+    ``folder/result.json`` and ``folder/predictions.csv``.
 
     Returns the recorded result; a folder that already has one is returned as is (resume).
     """
@@ -74,39 +97,34 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
         shutil.rmtree(folder)  # an interrupted run starts over
     folder.mkdir(parents=True)
     start = time.perf_counter()
-    cli = build_cli(
-        [
-            "--config", str(spec.config), *spec.overrides,
-            "--data.folds", str(spec.folds),
-            "--data.fold", str(spec.fold),
-            "--data.seed", str(spec.repeat),
-            "--seed_everything", str(spec.repeat),
-            "--trainer.default_root_dir", str(folder),
-            "--trainer.logger", "false",
-            "--trainer.callbacks.dirpath", str(folder / "checkpoints"),
-        ],
-        run=False,
-    )  # fmt: skip
-    trainer, task, dm = cli.trainer, cli.model, cli.datamodule
+    args = [
+        "--config", str(spec.config), *spec.overrides,
+        "--data.folds", str(spec.folds),
+        "--data.fold", str(spec.fold),
+        "--data.seed", str(spec.repeat),
+        "--seed_everything", str(spec.repeat),
+        "--trainer.default_root_dir", str(folder),
+        "--trainer.logger", "false",
+        "--trainer.callbacks.dirpath", str(folder / "checkpoints"),
+    ]  # fmt: skip
+    cli = build_cli(args, run=False)
     setup_seconds = time.perf_counter() - start  # the data checked, windows and tiles read
-    start = time.perf_counter()
-    trainer.fit(task, dm)
-    fit_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    metrics = trainer.test(task, dm, ckpt_path="best", weights_only=True, verbose=False)[0]
-    test_seconds = time.perf_counter() - start
-    predictions = task.test_predictions
+    dm = cli.datamodule
+    outcome = _probe(cli.model, dm) if spec.kind == LINEAR_PROBE else _train(cli, args)
+    predictions = outcome.predictions
     rows = predictions["row"].to_numpy()
     predictions.insert(1, "sample_id", dm.frame["sample_id"].to_numpy()[rows])
     predictions.insert(2, "group", dm.groups[rows])
     predictions.insert(3, "fold", spec.fold)
-    predictions["temperature"] = task.temperature.item()
-    labels = np.array([task.classes.index(c) for c in predictions["label"]])
-    preds = np.array([task.classes.index(c) for c in predictions["pred"]])
-    values = scores(confusion_matrix(labels, preds, len(task.classes)))
-    fusion = task.net.fusion
+    predictions["temperature"] = outcome.temperature
+    classes = list(dm.classes.names)
+    labels = np.array([classes.index(c) for c in predictions["label"]])
+    preds = np.array([classes.index(c) for c in predictions["pred"]])
+    confusion = confusion_matrix(labels, preds, len(classes))
+    values = scores(confusion)
     result = {
         "config": str(spec.config),
+        "kind": spec.kind,
         "repeat": spec.repeat,
         "fold": spec.fold,
         "folds": spec.folds,
@@ -114,22 +132,23 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "test_rows": len(predictions),
         "test_places": int(predictions["group"].nunique()),
         **{m: values[m] for m in SCALARS},
-        **_per_class(task.classes, values["f1_per_class"]),
-        "ece": float(metrics["test/ece"]),
-        "ece_calibrated": float(metrics["test/ece_calibrated"]),
-        "temperature": task.temperature.item(),
-        "fusion_layer": getattr(fusion, "fusion_layer", None),
-        "parameters": sum(p.numel() for p in task.net.parameters()),
-        "trainable_parameters": sum(p.numel() for p in task.net.parameters() if p.requires_grad),
+        **_per_class(classes, values["f1_per_class"]),
+        "ece": outcome.ece,
+        "ece_calibrated": outcome.ece_calibrated,
+        "temperature": outcome.temperature,
+        **{f"weight_{name}": w for name, w in outcome.view_weights.items()},
+        "fusion_layer": outcome.fusion_layer,
+        "parameters": outcome.parameters,
+        "trainable_parameters": outcome.trainable_parameters,
         "setup_seconds": round(setup_seconds, 1),
-        "token_seconds": round(task.token_seconds, 1),
-        "train_seconds": round(fit_seconds - task.token_seconds, 1),
-        "test_samples_per_s": round(len(predictions) / test_seconds, 1),
-        "vit_tokens": "cached" if task.caches_image_tokens else "none",
-        "classes": task.classes,
+        "token_seconds": round(outcome.token_seconds, 1),
+        "train_seconds": round(outcome.train_seconds, 1),
+        "test_samples_per_s": round(len(predictions) / outcome.test_seconds, 1),
+        "vit_tokens": outcome.vit_tokens,
+        "classes": classes,
         "places_per_label": _places_per_label(dm),
         "single_place_labels": dm.single_place_labels,
-        "confusion": confusion_matrix(labels, preds, len(task.classes)).tolist(),
+        "confusion": confusion.tolist(),
     }
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     for copy in ("predictions_test.csv", "confusion_test.png"):  # in predictions.csv, result.json
@@ -138,6 +157,74 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
         predictions.to_csv(tmp, index=False)
     _write_atomic(result_file, json.dumps(result, indent=1))
     return result
+
+
+def _train(cli: Any, args: list[str]) -> Outcome:
+    """Fit the config's model (and its refit on all training places, if the config asks), then
+    test its last checkpoint."""
+    from fusion.cli import refit
+
+    trainer, task, dm = cli.trainer, cli.model, cli.datamodule
+    start = time.perf_counter()
+    trainer.fit(task, dm)
+    token_seconds = task.token_seconds
+    if cli.config["refit"]:
+        stage2 = refit(args, trainer, task, cli.config["data"]["inner_folds"])
+        trainer, task, dm = stage2.trainer, stage2.model, stage2.datamodule
+    train_seconds = time.perf_counter() - start - token_seconds
+    start = time.perf_counter()
+    metrics = trainer.test(task, dm, ckpt_path="last", weights_only=True, verbose=False)[0]
+    test_seconds = time.perf_counter() - start
+    params = list(task.net.parameters())
+    return Outcome(
+        predictions=task.test_predictions,
+        ece=float(metrics["test/ece"]),
+        ece_calibrated=float(metrics["test/ece_calibrated"]),
+        temperature=task.temperature.item(),
+        parameters=sum(p.numel() for p in params),
+        trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+        token_seconds=token_seconds,
+        train_seconds=train_seconds,
+        test_seconds=test_seconds,
+        vit_tokens="cached" if task.caches_image_tokens else "none",
+        fusion_layer=getattr(task.net.fusion, "fusion_layer", None),
+        view_weights=dict(zip(task.net.head_names, task.net.view_weights.tolist(), strict=True)),
+    )
+
+
+def _probe(task: Any, dm: Any) -> Outcome:
+    """The linear probe on the frozen ViT features of ``task``'s image branch: fitted on the
+    train rows, ``C`` and temperature chosen on the val rows, scored on the test rows."""
+    from fusion.linear_probe import LinearProbe, probe_features
+    from fusion.task import predictions_frame
+
+    start = time.perf_counter()
+    features = probe_features(task.frozen_tokens(dm))
+    token_seconds = task.token_seconds
+    k = len(dm.classes)
+    rows = {name: np.flatnonzero(dm.splits == name) for name in ("train", "val", "test")}
+    probe = LinearProbe.fit(features, dm.labels, rows["train"], rows["val"], k)
+    train_seconds = time.perf_counter() - start - token_seconds
+    start = time.perf_counter()
+    test = rows["test"]
+    logits = torch.from_numpy(probe.logits(features[test], k))
+    test_seconds = time.perf_counter() - start
+    labels = torch.from_numpy(dm.labels[test])
+    ece, ece_calibrated = calibration_errors(logits, labels, probe.temperature)
+    probs = (logits / probe.temperature).softmax(dim=1).numpy()
+    size = probe.model.coef_.size + probe.model.intercept_.size
+    return Outcome(
+        predictions=predictions_frame(test, dm.labels[test], probs, list(dm.classes.names)),
+        ece=ece,
+        ece_calibrated=ece_calibrated,
+        temperature=probe.temperature,
+        parameters=sum(p.numel() for p in task.net.image_encoder.parameters()) + size,
+        trainable_parameters=size,
+        token_seconds=token_seconds,
+        train_seconds=train_seconds,
+        test_seconds=test_seconds,
+        vit_tokens="cached",
+    )
 
 
 def _per_class(classes: Sequence[str], f1: np.ndarray) -> dict[str, float]:
@@ -159,11 +246,13 @@ def _write_atomic(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------- running
 @dataclass
 class Setting:
-    """A named thing to cross-validate: a config and the overrides that make it this setting."""
+    """A named thing to cross-validate: a config and the overrides that make it this setting
+    (``kind`` as in :class:`RunSpec`)."""
 
     name: str
     config: Path
     overrides: list[str] = field(default_factory=list)
+    kind: str = "lightning"
 
 
 def cross_validate(
@@ -176,7 +265,7 @@ def cross_validate(
     for setting in settings:
         for repeat in range(repeats):
             for fold in range(folds):
-                spec = RunSpec(setting.config, repeat, fold, folds, setting.overrides)
+                spec = RunSpec(setting.config, repeat, fold, folds, setting.overrides, setting.kind)
                 folder = output / "runs" / setting.name / f"repeat{repeat}-fold{fold}"
                 result = run_once(spec, folder)
                 rows.append({"setting": setting.name, **result})
@@ -232,6 +321,22 @@ def pooled_scores(part: pd.DataFrame, classes: Sequence[str]) -> dict[str, Any]:
         "ece_calibrated": ece_calibrated,
         **_per_class(classes, values["f1_per_class"]),
     }
+
+
+def alone_views(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """For each setting of both views, its predictions with one view removed (the columns
+    ``pred_<view>``, ``p_<view>_<class>``), as settings named ``<setting> · <view> alone``."""
+    parts = []
+    for view in VIEWS:
+        if f"pred_{view}" not in oof.columns:
+            continue
+        part = oof[oof[f"pred_{view}"].fillna("").astype(str) != ""].copy()
+        part["setting"] = part["setting"] + f" · {view} alone"
+        part["pred"] = part[f"pred_{view}"]
+        for c in classes:
+            part[f"p_{c}"] = part[f"p_{view}_{c}"]
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else oof.iloc[:0]
 
 
 def pooled_table(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
@@ -294,7 +399,8 @@ def versus(
     oof: pd.DataFrame, pooled: pd.DataFrame, reference: str, classes: Sequence[str], n_boot: int
 ) -> pd.DataFrame:
     """Each setting's pooled OOF macro-F1 minus ``reference``'s: per repeat, mean, and the
-    cluster-bootstrap 95% interval (places resampled, the same rows for both)."""
+    cluster-bootstrap 95% interval (places resampled, the same rows for both); and the class
+    whose F1 (mean over repeats) falls most below the reference's, with that difference."""
 
     def per_repeat(setting: str) -> list[pd.DataFrame]:
         part = oof[oof["setting"] == setting]
@@ -305,6 +411,7 @@ def versus(
     groups = ref[0]["group"].to_numpy()
     ref_preds = [_codes(p, classes)[1] for p in ref]
     ref_f1 = pooled[pooled["setting"] == reference].sort_values("repeat")["macro_f1"].to_numpy()
+    per_class = pooled.groupby("setting")[[f"f1_{c}" for c in classes]].mean()
     out = []
     for setting in dict.fromkeys(oof["setting"]):
         if setting == reference:
@@ -314,9 +421,10 @@ def versus(
         mean, low, high = cluster_bootstrap(
             labels, groups, preds, ref_preds, len(classes), n_boot=n_boot
         )
+        gaps = (per_class.loc[setting] - per_class.loc[reference]).dropna()
         out.append(
             {"setting": setting, "per_repeat": list(f1 - ref_f1), "mean": mean,
-             "low": low, "high": high}
+             "low": low, "high": high, "worst_class": gaps.idxmin()[3:], "worst": gaps.min()}
         )  # fmt: skip
     return pd.DataFrame(out)
 
@@ -333,14 +441,14 @@ def summarize(results: pd.DataFrame, pooled: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=pd.Index(order, name="setting"))
     for c in metric_columns:
         out[c], out[f"{c}_std"] = mean[c], std[c]
-    runs = results.groupby("setting", sort=False)
+    runs = results.groupby("setting", sort=False)  # a view alone has no runs of its own
     out["repeats"] = grouped.size().loc[order]
-    out["runs"] = runs.size().loc[order]
-    out["train_seconds"] = runs["train_seconds"].mean().loc[order]
-    out["token_seconds"] = runs["token_seconds"].sum().loc[order]
-    out["test_samples_per_s"] = runs["test_samples_per_s"].median().loc[order]
-    out["vit_tokens"] = runs["vit_tokens"].first().loc[order]
-    out["parameters"] = runs["parameters"].first().loc[order]
+    out["runs"] = runs.size().reindex(order)
+    out["train_seconds"] = runs["train_seconds"].mean().reindex(order)
+    out["token_seconds"] = runs["token_seconds"].sum().reindex(order)
+    out["test_samples_per_s"] = runs["test_samples_per_s"].median().reindex(order)
+    out["vit_tokens"] = runs["vit_tokens"].first().reindex(order)
+    out["parameters"] = runs["parameters"].first().reindex(order)
     return out
 
 
@@ -393,8 +501,12 @@ def summary_markdown(summary: pd.DataFrame, classes: Sequence[str], title: str) 
     for name, r in summary.iterrows():
         cells = [_pm(r[c], r[f"{c}_std"]) for c in ("macro_f1", "OA", "kappa", "ece")]
         cells.append(_pm(r["ece_calibrated"], r["ece_calibrated_std"]))
-        rate = f"{r['test_samples_per_s']:.0f}" + ("*" if r["vit_tokens"] == "cached" else "")
-        cells += [f"{r['train_seconds']:.0f}", rate, f"{int(r['parameters']):,}", str(r["runs"])]
+        if np.isnan(r["runs"]):  # a view alone: the same runs as its setting
+            cells += ["", "", "", "(same)"]
+        else:
+            rate = f"{r['test_samples_per_s']:.0f}" + ("*" if r["vit_tokens"] == "cached" else "")
+            cells += [f"{r['train_seconds']:.0f}", rate, f"{int(r['parameters']):,}"]
+            cells.append(str(int(r["runs"])))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -420,14 +532,14 @@ def versus_markdown(table: pd.DataFrame, reference: str) -> str:
     lines = [
         f"## Against {reference} (pooled out-of-fold macro-F1 difference)",
         "",
-        "| setting | per repeat | mean | 95% interval (places resampled) |",
-        "|---|---|---|---|",
+        "| setting | per repeat | mean | 95% interval (places resampled) | largest class loss |",
+        "|---|---|---|---|---|",
     ]
     for _, r in table.iterrows():
         per = ", ".join(f"{d:+.3f}" for d in r["per_repeat"])
-        lines.append(
-            f"| {r['setting']} | {per} | {r['mean']:+.3f} | [{r['low']:+.3f}, {r['high']:+.3f}] |"
-        )
+        interval = f"[{r['low']:+.3f}, {r['high']:+.3f}]"
+        worst = f"{r['worst_class']} {r['worst']:+.3f}"
+        lines.append(f"| {r['setting']} | {per} | {r['mean']:+.3f} | {interval} | {worst} |")
     return "\n".join(lines) + "\n"
 
 
@@ -481,12 +593,16 @@ def _report(
     first = json.loads(next((output / "runs").glob("*/*/result.json")).read_text())
     classes = first["classes"]
     pooled = pooled_table(oof, classes)
-    summary = summarize(results, pooled)
+    every = pd.concat([oof, alone_views(oof, classes)], ignore_index=True)
+    pooled_every = pd.concat(
+        [pooled, pooled_table(every[~every["setting"].isin(pooled["setting"])], classes)]
+    )
+    summary = summarize(results, pooled_every)
     text = f"{protocol_text(folds, repeats, first, oof)}\n\n"
     text += summary_markdown(summary, classes, title)
     for reference in references:
         if reference in summary.index:
-            table = versus(oof, pooled, reference, classes, n_boot)
+            table = versus(every, pooled_every, reference, classes, n_boot)
             text += "\n" + versus_markdown(table, reference)
     _write_atomic(output / "summary.md", text)
     plot_metric(pooled, output / f"{output.name}.png", title)
@@ -522,16 +638,19 @@ def compare(
     overrides: Sequence[str] = (),
     n_boot: int = 2000,
 ) -> pd.DataFrame:
-    """Cross-validate each config; each against ``baseline`` and the image-only ``reference``."""
+    """Cross-validate each config; each against ``baseline`` and the image-only ``reference``.
+
+    The name ``linear_probe`` is the logistic regression on the frozen ViT features of
+    ``vit.yaml``'s data (:mod:`fusion.linear_probe`), the bar every image branch must clear.
+    """
     names = [baseline, *[c for c in configs if c != baseline]]
-    settings = [
-        Setting(
-            Path(name).stem,
-            Path(name) if name.endswith(".yaml") else config_dir / f"{name}.yaml",
-            list(overrides),
-        )
-        for name in names
-    ]
+    settings = []
+    for name in names:
+        if name == LINEAR_PROBE:
+            settings.append(Setting(name, config_dir / "vit.yaml", list(overrides), LINEAR_PROBE))
+            continue
+        config = Path(name) if name.endswith(".yaml") else config_dir / f"{name}.yaml"
+        settings.append(Setting(Path(name).stem, config, list(overrides)))
     refs = [Path(baseline).stem, Path(reference).stem]
     return _report(settings, folds, repeats, output, "Model comparison", refs, n_boot)
 

@@ -47,7 +47,7 @@ from fusion.errors import InputError, InputErrors
 from fusion.io import atomic_path
 from fusion.maps import plot_prediction_map
 from fusion.metrics import confusion_matrix, scores
-from fusion.task import FusionTask
+from fusion.task import FusionTask, probability_columns
 
 Sample = dict[str, Any]
 
@@ -513,7 +513,9 @@ def predict(
 ) -> Prediction:
     """Predict every sample, writing ``output`` (``.csv`` or ``.gpkg``) only once all are done.
 
-    Output rows: the sample's id columns, ``pred``, ``p_<class>`` (calibrated), ``has_image``,
+    Output rows: the sample's id columns, ``pred``, ``p_<class>`` (calibrated); for a model of
+    both views also ``pred_image``, ``p_image_<class>``, ``pred_series``, ``p_series_<class>``
+    (the model with the other view removed; empty without that view); ``has_image``,
     ``has_series``, ``valid_share`` (share of the place's pixels with data), ``status``
     (``image+series`` / ``image only`` / ``series only`` / ``skipped``) and ``note`` (why a view
     is missing). Skipped rows have no prediction.
@@ -542,19 +544,23 @@ def predict(
             has_image = batch["has_image"].numpy() & inputs.uses_image
             has_series = batch["has_series"].numpy() & inputs.uses_series
             usable = has_image | has_series
-            probs = np.full((len(index), len(classes)), np.nan, dtype=np.float32)
+            views = ("", "image", "series") if inputs.uses_image and inputs.uses_series else ("",)
+            probs = {v: np.full((len(index), len(classes)), np.nan, np.float32) for v in views}
             if usable.any():
                 keep = torch.from_numpy(usable)
                 tensors = {k: v[keep].to(device) for k, v in batch.items() if k != "note"}
                 out = task.predict_step(tensors)
-                probs[usable] = out["probs"].float().cpu().numpy()
+                for view in views:
+                    key = f"probs_{view}" if view else "probs"
+                    probs[view][usable] = out[key].float().cpu().numpy()
                 logits_all[index[usable]] = out["logits"].float().cpu().numpy()
                 pred[index[usable]] = out["pred"].cpu().numpy()
             status[index] = _status(has_image, has_series)
             rows = described.iloc[index].reset_index(drop=True)
-            rows["pred"] = [classes[p] if p >= 0 else "" for p in pred[index]]
-            for k, name in enumerate(classes):
-                rows[f"p_{name}"] = probs[:, k]
+            columns = probability_columns(
+                probs[""], list(classes), {v: probs[v] for v in views[1:]}
+            )
+            rows = pd.concat([rows, columns], axis=1)
             rows["has_image"], rows["has_series"] = has_image, has_series
             rows["valid_share"] = batch["valid_share"].numpy()
             rows["status"], rows["note"] = status[index], list(batch["note"])

@@ -10,6 +10,7 @@ Append one to a config's callbacks with jsonargparse's ``+=`` (after any
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -30,3 +31,30 @@ class KillAt(L.Callback):
     ) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordRows(L.Callback):
+    """Append the manifest rows of a fit's training and validation batches, and the heads'
+    weights and temperature it ends with, as one JSON line to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.train: set[int] = set()
+        self.val: set[int] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.train.update(batch["index"].tolist())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.val.update(batch["index"].tolist())
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = {
+            "train": sorted(self.train),
+            "val": sorted(self.val),
+            "weights": pl_module.net.view_weights.tolist(),
+            "temperature": pl_module.temperature.item(),
+        }
+        with open(self.path, "a") as out:
+            out.write(json.dumps(record) + "\n")

@@ -93,6 +93,6 @@ def trained_run(
         "--trainer.callbacks.dirpath", str(root / "ckpt"),  # the config's ModelCheckpoint
     ]  # fmt: skip
     assert main(["fit", *args, "--trainer.max_epochs", "2"]) == 0
-    ckpt = root / "ckpt" / "best.ckpt"
+    ckpt = root / "ckpt" / "last.ckpt"
     assert main(["test", *args, "--ckpt_path", str(ckpt)]) == 0
     return TrainedRun(root=root, ckpt=ckpt, args=args, cache=cache)

@@ -10,6 +10,7 @@ from fusion.calibration import (
     calibrate,
     expected_calibration_error,
     fit_temperature,
+    fit_view_weights,
 )
 
 
@@ -116,3 +117,20 @@ def test_empty_input_raises() -> None:
         fit_temperature(empty, no_labels)
     with pytest.raises(ValueError):
         calibrate(empty, no_labels)
+
+
+def test_view_weights_recover_how_far_each_head_can_be_trusted() -> None:
+    # Labels drawn from softmax(z1 + 0.5 z2): head 1 deserves weight 1, head 2 weight 0.5, and
+    # a head of pure noise (it memorised something that does not hold here) about 0.
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = 2.0 * torch.randn(30000, 4, generator=g), 2.0 * torch.randn(30000, 4, generator=g)
+    labels = torch.multinomial(torch.softmax(z1 + 0.5 * z2, dim=1), 1, generator=g).squeeze(1)
+    noise = 3.0 * torch.randn(30000, 4, generator=g)
+    w1, w2, w3 = fit_view_weights([z1, z2, noise], labels)
+    assert w1 == pytest.approx(1.0, abs=0.05) and w2 == pytest.approx(0.5, abs=0.05)
+    assert w3 < 0.08
+    # One head: the weight is the inverse temperature.
+    (w,) = fit_view_weights([z1 * 2.0], labels)
+    assert 1 / w == pytest.approx(fit_temperature(z1 * 2.0, labels))
+    with pytest.raises(ValueError, match="no heads"):
+        fit_view_weights([], labels)

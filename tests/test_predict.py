@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from shapely.affinity import translate
+from torch.utils.data import default_collate
 
 from fusion.cli import main
 from fusion.errors import InputError, InputErrors
@@ -67,10 +68,15 @@ def test_manifest_form_reproduces_fusion_test(
     preds = pd.read_csv(out)
     assert len(preds) == len(tested) == 24
     assert preds["pred"].tolist() == tested["pred"].tolist()
-    classes = [c for c in tested.columns if c.startswith("p_")]
-    assert np.abs(preds[classes].to_numpy() - tested[classes].to_numpy()).max() < 1e-4
+    # The fused probabilities and each view's alone, as fusion test wrote them.
+    columns = [c for c in tested.columns if c.startswith("p_")]
+    assert len(columns) == 3 * 6 and set(columns) <= set(preds.columns)
+    assert np.abs(preds[columns].to_numpy() - tested[columns].to_numpy()).max() < 1e-4
+    for view in ("image", "series"):
+        assert preds[f"pred_{view}"].tolist() == tested[f"pred_{view}"].tolist()
     assert (preds["status"] == "image+series").all()
     # The printed metrics are those of the tested predictions.
+    classes = [f"p_{c}" for c in load_model(trained_run.ckpt)[1].classes]
     index = {c[2:]: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c in tested["label"]])
     log_probs = np.log(tested[classes].to_numpy(np.float32))
@@ -78,6 +84,37 @@ def test_manifest_form_reproduces_fusion_test(
     assert (
         f"OA {expected['OA']:.4f}" in printed and f"macro-F1 {expected['macro_f1']:.4f}" in printed
     )
+
+
+def test_each_view_alone_is_the_model_with_the_other_view_removed(
+    model, small_manifest: Path, series_path: Path, tmp_path: Path
+) -> None:
+    task, inputs = model
+    assert task.net.head_names == ("fused", "image", "series")  # the config's experts
+    frame = pd.read_csv(small_manifest, dtype=str, keep_default_na=False)
+    frame = frame[frame["split"] == "test"].head(6).copy()
+    frame.loc[frame.index[0], "sensor_id"] = ""  # image only: no series view to report
+    samples = ManifestSamples(write_manifest(frame, tmp_path), inputs, series=series_path)
+    predict(task, inputs, samples, tmp_path / "out.csv", batch_size=4)
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    batch = default_collate([samples[i] for i in range(len(samples))])
+    batch.pop("note")
+    with torch.no_grad():
+        alone = {
+            "image": task.calibrated(task({**batch, "has_series": torch.zeros(6, dtype=bool)})),
+            "series": task.calibrated(task({**batch, "has_image": torch.zeros(6, dtype=bool)})),
+        }
+    classes = list(inputs.classes)
+    for view, probs in alone.items():
+        rows = slice(1, None) if view == "series" else slice(None)
+        written = out[[f"p_{view}_{c}" for c in classes]].iloc[rows].astype(float).to_numpy()
+        assert np.abs(written - probs[rows].numpy()).max() < 1e-5, view
+        expected = [classes[k] for k in probs[rows].argmax(dim=1).tolist()]
+        assert out[f"pred_{view}"].iloc[rows].tolist() == expected
+    assert out["pred_series"][0] == "" and out[f"p_series_{classes[0]}"][0] == ""
+    # With both views, the fused output is neither view alone.
+    both = out[[f"p_{c}" for c in classes]].iloc[1:].astype(float).to_numpy()
+    assert not np.allclose(both, alone["image"][1:].numpy(), atol=1e-4)
 
 
 def test_missing_views_are_flagged_and_nothing_is_guessed(

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from fusion.calibration import calibrate
-from fusion.cli import main
+from fusion.calibration import fit_view_weights
+from fusion.cli import build_cli, main
 from fusion.data.datamodule import FusionDataModule
 from fusion.task import FusionTask
 from tests.conftest import IMAGE_SIZE, TrainedRun
@@ -79,13 +78,22 @@ def test_one_view_missing_still_gives_a_distribution(dm, vit_weights) -> None:
         assert torch.allclose(task(scrambled), task(no_series))
 
 
-def test_modality_dropout_hides_exactly_one_view(dm, vit_weights) -> None:
-    task = FusionTask(data_info=dm.info(), net=net(vit_weights), modality_dropout=1.0)
+def test_modality_dropout_hides_exactly_one_view_from_the_fusion_only(dm, vit_weights) -> None:
+    task = FusionTask(
+        data_info=dm.info(), net=net(vit_weights, experts=True), modality_dropout=1.0
+    ).eval()
     batch = next(iter(dm.train_dataloader()))
-    dropped = task._drop_modalities(batch)
-    views = dropped["has_image"].int() + dropped["has_series"].int()
+    hidden = task._drop_modalities(batch)
+    views = (~hidden["hide_image"]).int() + (~hidden["hide_series"]).int()
     assert (views == 1).all()
-    assert 0 < dropped["has_image"].sum() < len(views)
+    assert 0 < hidden["hide_image"].sum() < len(views)
+    with torch.no_grad():
+        dropped = task.net.heads(**task._inputs(batch), **hidden)
+        full = task.heads(batch)
+    # The experts read their view whatever the fusion was shown; the fusion did lose a view.
+    assert torch.allclose(dropped["image"], full["image"])
+    assert torch.allclose(dropped["series"], full["series"])
+    assert not torch.allclose(dropped["fused"], full["fused"])
 
 
 def test_single_branch_variants_need_no_fusion(dm, vit_weights) -> None:
@@ -108,8 +116,10 @@ def test_cli_fit_then_test_end_to_end(trained_run: TrainedRun, small_manifest: P
     assert (trained_run.root / "confusion_test.png").is_file()
     predictions = pd.read_csv(trained_run.root / "predictions_test.csv")
     assert len(predictions) == 6 * 4  # the test rows
-    probs = predictions.filter(like="p_").to_numpy()
-    assert probs.shape[1] == 6 and abs(probs.sum(axis=1) - 1).max() < 1e-5
+    for prefix in ("p_", "p_image_", "p_series_"):  # the fused output, then each view alone
+        names = [f"{prefix}{c}" for c in info["classes"]]
+        probs = predictions[names].to_numpy()
+        assert abs(probs.sum(axis=1) - 1).max() < 1e-5
 
 
 class Payload:
@@ -142,53 +152,54 @@ def test_computing_image_tokens_leaves_the_global_rng_alone(dm, vit_weights) -> 
     assert torch.equal(torch.rand(3), expected)
 
 
-class RowsSeen(L.Callback):
-    """Manifest rows of every training and validation batch."""
-
-    def __init__(self) -> None:
-        self.train: set[int] = set()
-        self.val: set[int] = set()
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.train.update(batch["index"].tolist())
-
-    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
-        self.val.update(batch["index"].tolist())
-
-
-def test_the_held_out_fold_never_reaches_selection_or_the_temperature(
+def test_heads_are_weighed_on_held_out_places_and_the_refit_trains_on_all_but_the_test_fold(
     places_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path: Path
 ) -> None:
-    dm = FusionDataModule(
-        manifest=str(places_manifest),
-        series=str(shared_data / "footfall" / "counts.csv.gz"),
-        split="place",
-        groups=str(shared_data / "footfall" / "sensors.csv"),
-        val_fraction=0.25,
-        folds=3,
-        fold=1,
-        image_size=IMAGE_SIZE,
-        batch_size=32,
-        cache_dir=str(tmp_path),
+    record, cache = tmp_path / "rows.jsonl", tmp_path / "cache"
+    data = [
+        "--data.manifest", str(places_manifest),
+        "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
+        "--data.folds", "3", "--data.fold", "1",
+        "--data.image_size", str(IMAGE_SIZE),
+        "--data.cache_dir", str(cache),
+    ]  # fmt: skip
+    argv = [
+        "fit", "--config", "configs/mbt_mid.yaml", "--refit", "true", *data,
+        "--model.cache_dir", str(cache),
+        "--model.net.vit_weights", str(vit_weights),
+        "--model.net.token_grid", "2",
+        "--trainer.max_epochs", "2",
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+        "--trainer.callbacks+=tests.callbacks.RecordRows",
+        "--trainer.callbacks.path", str(record),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    stage1, stage2 = (json.loads(line) for line in record.read_text().splitlines())
+    # The same folds and inner split as the run's, rebuilt from its settings.
+    cli = build_cli(["--config", "configs/mbt_mid.yaml", *data], run=False)
+    dm = cli.datamodule
+    rows = {n: set(np.flatnonzero(dm.splits == n).tolist()) for n in ("train", "val", "test")}
+    assert (
+        rows["test"] and set(stage1["val"]) == rows["val"] and set(stage1["train"]) == rows["train"]
     )
-    dm.setup()
-    torch.manual_seed(0)
-    task = FusionTask(data_info=dm.info(), net=net(vit_weights), cache_dir=str(tmp_path))
-    seen = RowsSeen()
-    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/macro_f1", mode="max")
-    trainer = L.Trainer(
-        max_epochs=2, callbacks=[seen, best], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.fit(task, dm)
-    test_rows = set(np.flatnonzero(dm.splits == "test").tolist())
-    assert test_rows and seen.train and best.best_model_score is not None
-    # The checkpoint is chosen and the temperature fitted on the val rows alone.
-    assert seen.val == set(np.flatnonzero(dm.splits == "val").tolist())
-    assert not (seen.train | seen.val) & test_rows
-    task.eval()
+    # Stage 2 trains on every place of stage 1, never on the held-out fold, and keeps the
+    # weights stage 1 fitted on its val places.
+    assert set(stage2["train"]) == rows["train"] | rows["val"] and not stage2["val"]
+    assert stage2["weights"] == stage1["weights"] and stage2["temperature"] == stage1["temperature"]
+    final = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert final["state_dict"]["net.view_weights"].tolist() == stage1["weights"]
+    # Those weights are what the val rows' heads ask for: refitting them there gives them back.
+    task = FusionTask.load_from_checkpoint(
+        tmp_path / "ckpt" / "heldout" / "last.ckpt", weights_only=True, map_location="cpu"
+    ).eval()
+    task.frozen_tokens(dm)
+    dm.set_load_images(False)
     with torch.no_grad():
         batches = list(dm.val_dataloader())
-        logits = torch.cat([task(b) for b in batches])
+        heads = [torch.cat(z) for z in zip(*(task.heads(b).values() for b in batches), strict=True)]
     labels = torch.cat([b["label"] for b in batches])
-    assert calibrate(logits, labels).temperature == pytest.approx(task.temperature.item(), rel=1e-4)
+    weights = torch.tensor(fit_view_weights(heads, labels))
+    assert (weights / weights.sum()).tolist() == pytest.approx(stage1["weights"], rel=1e-4)
+    assert 1 / float(weights.sum()) == pytest.approx(stage1["temperature"], rel=1e-4)

@@ -22,13 +22,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from fusion.calibration import calibrate
-from fusion.cli import main
+from fusion.calibration import fit_view_weights
+from fusion.cli import build_cli
+from fusion.task import FusionTask
 from tests.conftest import IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,18 +86,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
 
 
-def best_score(ckpt: Path) -> float:
-    saved = torch.load(ckpt, weights_only=True, map_location="cpu")
-    (state,) = (v for k, v in saved["callbacks"].items() if k.startswith("ModelCheckpoint"))
-    return float(state["best_model_score"])
-
-
 @pytest.fixture(scope="module")
 def fusion(small_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path_factory) -> Runner:
     tmp = tmp_path_factory.mktemp("reliability")
     cache = tmp / "cache"  # series windows and ViT tokens, shared by the runs
     args = [
         "--config", "configs/mbt_mid.yaml",
+        "--refit", "false",  # one stage: these tests are about a fit, resumed or distributed
         "--seed_everything", "0",
         "--data.manifest", str(small_manifest),
         "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
@@ -161,7 +156,6 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(
     expected = expected[expected["epoch"] >= 1].reset_index(drop=True)
     pd.testing.assert_frame_equal(resumed, expected, check_exact=True)
     assert_same_weights(uninterrupted / "ckpt" / "last.ckpt", last)
-    assert best_score(last) == best_score(uninterrupted / "ckpt" / "last.ckpt")
 
 
 def test_ddp_two_processes_on_cpu(fusion: Runner, uninterrupted: Path, tmp_path: Path) -> None:
@@ -174,17 +168,18 @@ def test_ddp_two_processes_on_cpu(fusion: Runner, uninterrupted: Path, tmp_path:
 
     check(fusion("test", tmp_path, "--ckpt_path", str(last), "--trainer.devices", "1", logs=False))
     assert len(pd.read_csv(tmp_path / "predictions_test.csv")) == 6 * 4  # every test row once
-    # The temperature was fitted on the val rows of both processes: refitting it on all val rows'
-    # logits (recovered up to a per-row shift, which softmax ignores) gives it back.
-    out = tmp_path / "val.csv"
-    manifest, series = (
-        fusion.args[fusion.args.index(f"--data.{k}") + 1] for k in ("manifest", "series")
+    # The heads' weights and temperature were fitted on the val rows of both processes:
+    # fitting them again on every val row, in one process, gives them back.
+    dm = build_cli(fusion.args, run=False).datamodule
+    task = FusionTask.load_from_checkpoint(last, weights_only=True, map_location="cpu").eval()
+    task.frozen_tokens(dm)
+    dm.set_load_images(False)
+    with torch.no_grad():
+        batches = list(dm.val_dataloader())
+        heads = [torch.cat(z) for z in zip(*(task.heads(b).values() for b in batches), strict=True)]
+    assert sum(len(b["label"]) for b in batches) == 6 * 4
+    fitted = torch.tensor(fit_view_weights(heads, torch.cat([b["label"] for b in batches])))
+    assert 1 / float(fitted.sum()) == pytest.approx(temperature, rel=1e-4)
+    assert (fitted / fitted.sum()).tolist() == pytest.approx(
+        task.net.view_weights.tolist(), rel=1e-4
     )
-    assert main(["predict", "--ckpt_path", str(last), "--manifest", manifest, "--series", series,
-                 "--split", "val", "--output", str(out)]) == 0  # fmt: skip
-    predictions = pd.read_csv(out).merge(pd.read_csv(manifest)[["sample_id", "label"]])
-    probs = predictions.filter(like="p_")
-    classes = [c.removeprefix("p_") for c in probs.columns]
-    logits = torch.from_numpy(np.log(probs.to_numpy()) * temperature)
-    labels = torch.tensor([classes.index(label) for label in predictions["label"]])
-    assert calibrate(logits, labels).temperature == pytest.approx(temperature, rel=1e-3)

@@ -86,7 +86,8 @@ class FusionDataModule(L.LightningDataModule):
         split: ``manifest`` (its ``split`` column; rows without one get a seeded stratified split),
             ``stratified`` (seeded, per label) or ``place`` (place-disjoint: whole series keys, or
             groups of them, go to train or val). ``test`` rows always stay test.
-        val_fraction: share of rows (stratified) or of places per label (place) sent to val.
+        val_fraction: share of rows (stratified) or of places per label (place) sent to val; 0
+            sends none (every row not held out trains: the refit on all places).
         folds: ``K >= 2`` for place-grouped K-fold cross-validation (0: none). The places are
             dealt into ``K`` folds stratified by label (:func:`fusion.data.splits.group_folds`);
             the rows of fold ``fold`` are the test rows, and the other rows are split into train
@@ -94,6 +95,10 @@ class FusionDataModule(L.LightningDataModule):
             temperature never see the test rows. Labels with a single place are never tested
             (:attr:`single_place_labels`). The manifest's ``split`` column is not used.
         fold: the held-out fold, ``0 .. K-1``.
+        inner_folds, inner_fold: with ``split="place"`` and ``inner_folds >= 2``, the places
+            that are not test rows are dealt into that many folds the same way and fold
+            ``inner_fold`` is val (instead of ``val_fraction`` of the places): cross-fitting,
+            where every training place is val once across ``inner_fold = 0 .. inner_folds-1``.
         seed: seed of the splits (the fold assignment: a new seed is a new repeat of the
             cross-validation) and of the training loader's shuffling (epoch ``e`` by ``seed + e``,
             see :class:`EpochShuffle`; under DDP by ``seed_everything + e``).
@@ -124,6 +129,8 @@ class FusionDataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         folds: int = 0,
         fold: int = 0,
+        inner_folds: int = 0,
+        inner_fold: int = 0,
         seed: int = 0,
         groups: str | None = None,
         group_column: str = "holdout_group",
@@ -147,6 +154,11 @@ class FusionDataModule(L.LightningDataModule):
         self.seed = seed
         self.classes: ClassList | None = None
         self.band_stats = None if band_stats is None else BandStats.from_dict(band_stats)
+        if inner_folds and not (inner_folds >= 2 and 0 <= inner_fold < inner_folds):
+            raise ValueError(
+                f"inner folds need inner_folds >= 2 and 0 <= inner_fold < inner_folds; got "
+                f"inner_folds={inner_folds}, inner_fold={inner_fold}"
+            )
         if folds and not (folds >= 2 and 0 <= fold < folds and split in ("place", "stratified")):
             raise ValueError(
                 f"cross-validation needs folds >= 2, 0 <= fold < folds and split 'place' or "
@@ -264,8 +276,14 @@ class FusionDataModule(L.LightningDataModule):
         rows = np.flatnonzero(todo)
         if len(rows) == 0:
             return splits
+        if hp.val_fraction == 0:  # every row trains (a refit on all places: no val rows)
+            splits[rows] = "train"
+            return splits
         sub_labels = [labels[i] for i in rows]
-        if hp.split == "place":
+        if hp.split == "place" and hp.inner_folds:
+            inner = group_folds(sub_labels, groups[rows].tolist(), folds=hp.inner_folds, seed=seed)
+            splits[rows] = np.where(inner == hp.inner_fold, "val", "train")
+        elif hp.split == "place":
             splits[rows] = group_split(
                 sub_labels, groups[rows].tolist(), val_fraction=hp.val_fraction, seed=seed
             )

@@ -10,6 +10,11 @@ Variants (``fusion``):
 
 A missing view (``has_image`` / ``has_series`` False, or dropped by modality dropout while
 training) is replaced by a learned token, never by zeros that could pass for data.
+
+With ``experts`` (fused variants), an image expert and a series expert sit beside the fusion
+module, and the output pools the three heads as a weighted product of experts
+(:mod:`fusion.models.experts`); the weights (``view_weights``) are fitted on held-out places by
+the task. The image branch's pooled vector is its CLS token and its mean patch token.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from fusion.models.bilstm import BiLSTMEncoder
 from fusion.models.blocks import masked_mean
 from fusion.models.bottleneck import BottleneckFusion, fusion_layer_for
 from fusion.models.cross_attention import MsIFTFusion
+from fusion.models.experts import ExpertHead, pool_experts
 from fusion.models.trans_blstm import TransBLSTMEncoder
 from fusion.models.vit import Freeze, ViTEncoder
 
@@ -74,6 +80,10 @@ class FusionClassifier(nn.Module):
         fusion_layer: MBT's first fused layer, or ``early`` / ``mid`` / ``late``.
         n_bottlenecks: MBT bottleneck tokens.
         dropout: dropout inside the new layers and before the head.
+        experts: with a fusion module, add an image expert and a series expert head.
+        isolate_series: the series encoder learns from the series expert alone: the fusion reads
+            its tokens without sending gradients back, so fitting the training places through
+            the fusion cannot make the series features memorise those places.
     """
 
     def __init__(
@@ -101,6 +111,8 @@ class FusionClassifier(nn.Module):
         fusion_layer: int | Literal["early", "mid", "late"] = "mid",
         n_bottlenecks: int = 4,
         dropout: float = 0.1,
+        experts: bool = False,
+        isolate_series: bool = False,
     ) -> None:
         super().__init__()
         if not (image or series):
@@ -111,6 +123,7 @@ class FusionClassifier(nn.Module):
             raise ValueError(f"fusion='{fusion}' needs both branches")
         self.n_counts = n_counts
         self.fusion_kind = fusion
+        self.isolate_series = isolate_series
         self.image_encoder = (
             ViTEncoder(vit_name, vit_weights, in_chans, img_size, freeze, token_grid)
             if image
@@ -144,10 +157,33 @@ class FusionClassifier(nn.Module):
                 image_dim, series_dim, fusion_dim, fusion_depth, layer, n_bottlenecks,
                 fusion_heads, dropout=dropout,
             )  # fmt: skip
-        out_dim = self.fusion.out_dim if self.fusion else image_dim + (series_dim if series else 0)
-        self.head = nn.Sequential(
-            nn.LayerNorm(out_dim), nn.Dropout(dropout), nn.Linear(out_dim, num_classes)
-        )
+        image_vector = 2 * image_dim  # CLS and mean patch token
+        if self.fusion is not None:
+            out_dim = self.fusion.out_dim
+        else:
+            out_dim = (image_vector if image else 0) + (series_dim if series else 0)
+        self.head = ExpertHead(out_dim, num_classes, dropout)
+        self.image_expert = self.series_expert = None
+        if experts and fusion != "none":
+            self.image_expert = ExpertHead(image_vector, num_classes, dropout)
+            self.series_expert = ExpertHead(series_dim, num_classes, dropout)
+        # The weight of each head in the output (fitted on held-out places by the task).
+        self.register_buffer("view_weights", torch.ones(len(self.head_names)))
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The heads pooled into the output, in the order of ``view_weights``."""
+        if self.fusion_kind == "none":
+            return ("image",) if self.image_encoder is not None else ("series",)
+        return ("fused", "image", "series") if self.image_expert is not None else ("fused",)
+
+    def head_modules(self) -> list[nn.Module]:
+        """The classification heads (the output head and the experts)."""
+        return [h for h in (self.head, self.image_expert, self.series_expert) if h is not None]
+
+    def series_modules(self) -> list[nn.Module]:
+        """The modules that read the series alone (its encoder and its expert)."""
+        return [m for m in (self.series_encoder, self.series_expert) if m is not None]
 
     def encode_image(self, images: Tensor) -> Tensor:
         """``(B, C, S, S)`` → image tokens ``(B, 1 + G*G, D)`` (CLS first)."""
@@ -163,7 +199,23 @@ class FusionClassifier(nn.Module):
         has_series: Tensor | None = None,
         image_tokens: Tensor | None = None,
     ) -> Tensor:
-        """Logits ``(B, K)``.
+        """Logits ``(B, K)``: the heads of :meth:`heads` pooled with ``view_weights``."""
+        heads = self.heads(image, series, series_mask, has_image, has_series, image_tokens)
+        return pool_experts(heads, self.view_weights)
+
+    def heads(
+        self,
+        image: Tensor | None = None,
+        series: Tensor | None = None,
+        series_mask: Tensor | None = None,
+        has_image: Tensor | None = None,
+        has_series: Tensor | None = None,
+        image_tokens: Tensor | None = None,
+        hide_image: Tensor | None = None,
+        hide_series: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Logits ``(B, K)`` of each head in :attr:`head_names`; an expert's logits are zero
+        for samples without its view.
 
         Args:
             image: ``(B, C, S, S)``; not needed when ``image_tokens`` (precomputed, e.g. by a
@@ -171,25 +223,55 @@ class FusionClassifier(nn.Module):
             series: ``(B, T, F)``; ``series_mask``: ``(B, T)`` bool, True = hour present.
             has_image / has_series: ``(B,)`` bool, False = that view is missing for the sample.
             image_tokens: ``(B, N, D)`` output of :meth:`encode_image`.
+            hide_image / hide_series: ``(B,)`` bool, True = hide that view from the fusion only
+                (modality dropout while training); the experts still read it.
         """
+        for_fusion = {
+            "image": _hidden(has_image, hide_image),
+            "series": _hidden(has_series, hide_series),
+        }
         parts: list[Tensor] = []
         img_tokens = ser_tokens = ser_token_mask = None
+        image_vector = series_vector = None
         if self.image_encoder is not None:
             img_tokens = image_tokens if image_tokens is not None else self.encode_image(image)
-            if self.missing_image is not None and has_image is not None:
-                img_tokens = self.missing_image(img_tokens, has_image)
-            parts.append(img_tokens[:, 0])
+            image_vector = torch.cat([img_tokens[:, 0], img_tokens[:, 1:].mean(dim=1)], dim=-1)
+            if self.missing_image is not None and for_fusion["image"] is not None:
+                img_tokens = self.missing_image(img_tokens, for_fusion["image"])
+            parts.append(torch.cat([img_tokens[:, 0], img_tokens[:, 1:].mean(dim=1)], dim=-1))
         if self.series_encoder is not None:
             assert series is not None and series_mask is not None
             series = standardize_counts(series, series_mask, self.n_counts)
             encoding = self.series_encoder(series, series_mask)
             ser_tokens, ser_token_mask = encoding.tokens, encoding.mask
-            if self.missing_series is not None and has_series is not None:
-                ser_tokens = self.missing_series(ser_tokens, has_series)
-                ser_token_mask = ser_token_mask | ~has_series[:, None]
+            series_vector = encoding.pooled
+            if self.isolate_series and self.series_expert is not None:
+                ser_tokens = ser_tokens.detach()
+            if self.missing_series is not None and for_fusion["series"] is not None:
+                ser_tokens = self.missing_series(ser_tokens, for_fusion["series"])
+                ser_token_mask = ser_token_mask | ~for_fusion["series"][:, None]
             parts.append(masked_mean(ser_tokens, ser_token_mask))
         if self.fusion is not None:
             features = self.fusion(img_tokens, ser_tokens, None, ser_token_mask)
         else:
             features = torch.cat(parts, dim=-1)
-        return self.head(features)
+        out = {self.head_names[0]: self.head(features)}
+        if self.image_expert is not None and self.series_expert is not None:
+            assert image_vector is not None and series_vector is not None
+            out["image"] = _where_present(self.image_expert(image_vector), has_image)
+            out["series"] = _where_present(self.series_expert(series_vector), has_series)
+        return out
+
+
+def _hidden(present: Tensor | None, hide: Tensor | None) -> Tensor | None:
+    """``present (B,)`` with the ``hide (B,)`` samples marked absent (either may be None)."""
+    if hide is None:
+        return present
+    return ~hide if present is None else present & ~hide
+
+
+def _where_present(logits: Tensor, present: Tensor | None) -> Tensor:
+    """``logits (B, K)`` with the rows of absent samples (``present (B,)`` False) set to 0."""
+    if present is None:
+        return logits
+    return torch.where(present[:, None], logits, torch.zeros((), dtype=logits.dtype))

@@ -31,9 +31,14 @@ class ViTEncoder(nn.Module):
         in_chans: band count of the input tiles.
         img_size: tile side in pixels (a multiple of the patch size).
         freeze: ``"all"`` (frozen backbone), ``"none"`` (fully trained) or ``k`` (patch embedding
-            and the first ``k`` blocks frozen).
+            and the first ``k`` blocks frozen; the last ``L - k`` blocks train).
         token_grid: average-pool the patch tokens to a ``G x G`` grid (``None`` keeps all of them);
-            fewer tokens make fusion cheaper and frozen tokens small enough to cache.
+            fewer tokens make fusion cheaper and frozen tokens small enough to cache. With
+            ``freeze=k`` the pooling comes after block ``k``, so the trained blocks read the
+            ``1 + G*G`` pooled tokens: partial fine-tuning a CPU can afford.
+
+    The frozen part (:meth:`frozen_part`) is what a task may compute once per tile and cache;
+    :meth:`trainable_part` finishes the encoding from it.
     """
 
     def __init__(
@@ -61,9 +66,11 @@ class ViTEncoder(nn.Module):
             pretrained_cfg_overlay=overlay,
         )
         self.weights = weights
-        self.config = {
+        self.config: dict[str, object] = {
             "name": name, "in_chans": in_chans, "img_size": img_size, "token_grid": token_grid,
         }  # fmt: skip
+        if isinstance(freeze, int):
+            self.config["frozen_blocks"] = freeze  # where the cached tokens are taken
         self.out_dim: int = self.backbone.embed_dim
         self.num_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
         self.grid = tuple(self.backbone.patch_embed.grid_size)
@@ -74,6 +81,11 @@ class ViTEncoder(nn.Module):
     @property
     def frozen(self) -> bool:
         return self.freeze == "all"
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether a frozen part exists whose output can be cached (not ``freeze="none"``)."""
+        return self.freeze != "none"
 
     @property
     def num_tokens(self) -> int:
@@ -105,9 +117,33 @@ class ViTEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, S, S)`` → ``tokens (B, 1 + G*G, D)``, ``pooled (B, D)`` (the CLS token)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            feats = self.backbone.forward_features(images)
-        return self.pool_tokens(feats)
+        if not self.cacheable:
+            return self.pool_tokens(self.backbone.forward_features(images))
+        tokens = self.trainable_part(self.frozen_part(images))
+        return tokens, tokens[:, 0]
+
+    @torch.no_grad()
+    def frozen_part(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, S, S)`` → the frozen blocks' output ``(B, 1 + G*G, D)``: the final tokens
+        (``freeze="all"``) or those after block ``k`` (``freeze=k``), pooled to the grid."""
+        backbone = self.backbone
+        if self.frozen:
+            return self.pool_tokens(backbone.forward_features(images))[0]
+        x = backbone.norm_pre(
+            backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images)))
+        )
+        for block in backbone.blocks[: int(self.freeze)]:
+            x = block(x)
+        return self.pool_tokens(x)[0]
+
+    def trainable_part(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Finish the encoding from :meth:`frozen_part`'s ``tokens (B, N, D)``: the trained
+        blocks and the final norm (nothing when the whole backbone is frozen)."""
+        if self.frozen:
+            return tokens
+        for block in self.backbone.blocks[int(self.freeze) :]:
+            tokens = block(tokens)
+        return self.backbone.norm(tokens)
 
     def pool_tokens(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone output ``(B, P + H*W, D)`` → CLS + pooled grid tokens, and the CLS vector."""

@@ -247,6 +247,36 @@ def test_freeze_k_freezes_embeddings_and_first_k_blocks(pretrained_84: ViTEncode
     assert not pretrained_84.frozen
 
 
+def test_frozen_and_trainable_parts_compose_to_the_whole_backbone(
+    pretrained_84: ViTEncoder,
+) -> None:
+    """With every patch token kept, caching after block k changes nothing: the trained tail on
+    the cached tokens gives the backbone's own output, and only the tail gets gradients."""
+    x = torch.randn(2, 3, 84, 84)
+    with torch.no_grad():
+        whole = pretrained_84.backbone.forward_features(x)
+    cached = pretrained_84.frozen_part(x)
+    assert cached.shape == (2, 1 + 36, DIM) and not cached.requires_grad
+    tokens = pretrained_84.trainable_part(cached)
+    assert torch.allclose(tokens, whole, atol=1e-5)
+    tokens.sum().backward()
+    grads = {n for n, p in pretrained_84.backbone.named_parameters() if p.grad is not None}
+    assert grads and all(n.startswith(("blocks.10.", "blocks.11.", "norm.")) for n in grads)
+    pretrained_84.zero_grad(set_to_none=True)
+
+
+def test_partial_fine_tuning_on_the_pooled_grid_is_cheap_and_keyed_by_the_cut(
+    vit_weights: Path,
+) -> None:
+    encoder = build(weights=str(vit_weights), img_size=56, token_grid=2, freeze=11)
+    cached = encoder.frozen_part(torch.randn(2, 3, 56, 56))
+    assert cached.shape == (2, 1 + 4, DIM)  # the last block reads 5 pooled tokens, not 17
+    assert encoder.trainable_part(cached).shape == (2, 5, DIM)
+    assert encoder.cacheable and not encoder.frozen
+    assert encoder.config["frozen_blocks"] == 11  # cached tokens of another cut never mix
+    assert "frozen_blocks" not in build(weights=None, img_size=56, freeze="all").config
+
+
 @pytest.mark.parametrize("freeze", [DEPTH + 1, -1])
 def test_freeze_out_of_range_raises(freeze: int) -> None:
     with pytest.raises(ValueError, match="freeze"):
