@@ -327,18 +327,28 @@ def refit(argv: list[str], trainer, stage1, inner_folds: int = 0):
     if inner_folds >= 2:
         parts = [stage1.held_out_heads(trainer.datamodule)]
         for k in range(1, inner_folds):
-            inner = build_cli(
-                [*argv, "--data.inner_fold", str(k), "--refit", "false",
-                 "--trainer.callbacks.dirpath", str(heldout / f"inner{k}")],
-                run=False,
-            )  # fmt: skip
+            inner = build_cli([*argv, "--data.inner_fold", str(k), "--refit", "false"], run=False)
+            inner.trainer.checkpoint_callback.dirpath = str(heldout / f"inner{k}")
             inner.trainer.fit(inner.model, inner.datamodule)
             parts.append(inner.model.held_out_heads(inner.datamodule))
         heads, labels = (torch.cat(column) for column in zip(*parts, strict=True))
         stage1.set_view_weights(fit_view_weights(heads.unbind(dim=1), labels))
+    scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     cli = build_cli([*argv, "--data.val_fraction", "0", "--refit", "false"], run=False)
     cli.model.calibrate_like(stage1)
     cli.trainer.fit(cli.model, cli.datamodule)
+    shares = zip(stage1.net.head_names, stage1.net.view_weights.tolist(), strict=True)
+    weights = " · ".join(f"{name} {w:.2f}" for name, w in shares)
+    train = cli.datamodule.splits == "train"
+    places = len(set(cli.datamodule.groups[train]))
+    nan = float("nan")
+    print(
+        f"stage 1 on its val places (never trained on): "
+        f"macro-F1 {scores.get('val/macro_f1', nan):.3f}, OA {scores.get('val/OA', nan):.3f}; "
+        f"heads weighted {weights}, temperature {stage1.temperature.item():.3f}\n"
+        f"stage 2 trained on {train.sum()} rows of {places} places: "
+        f"{cli.trainer.checkpoint_callback.best_model_path}"
+    )
     return cli
 
 

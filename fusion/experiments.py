@@ -3,8 +3,9 @@ cross-validation.
 
 Protocol. The places (series keys, or groups of nearby sensors) are dealt into ``K`` folds,
 stratified by label (:func:`fusion.data.splits.group_folds`). For each fold, a model is trained on
-the other folds' places, where an inner place-disjoint split picks the checkpoint and fits the
-softmax temperature, and then predicts the held-out fold once. Pooled over the folds, every row of
+the other folds' places for a fixed number of epochs: an inner place-disjoint split of those places
+weighs its heads (the softmax temperature, for one head), then it is refitted on all of them
+(``refit``), and it predicts the held-out fold once. Pooled over the folds, every row of
 an evaluable class is predicted exactly once per repeat by a model that never saw its place
 (out-of-fold, OOF). Repeat ``r`` reshuffles the folds, the inner split, the training order and the
 initialisation (all seeded by ``r``). Labels with a single place cannot be held out: they are
@@ -468,9 +469,11 @@ def protocol_text(folds: int, repeats: int, first: dict[str, Any], oof: pd.DataF
     text = (
         f"**Protocol: place-grouped {folds}-fold cross-validation, {repeats} repeats.** A place "
         "is a sensor, or a group of sensors within 75 m of each other (`holdout_group`). The "
-        f"places are dealt into {folds} folds, stratified by label; each fold's model is trained "
-        "on the other folds' places, where an inner place-disjoint split (25% of the places per "
-        "label) chooses the checkpoint and fits the softmax temperature, and then predicts the "
+        f"places are dealt into {folds} folds, stratified by label. Each fold's model is trained "
+        "on the other folds' places for a fixed number of epochs: a first model, trained without "
+        "an inner place-disjoint quarter of those places, weighs the heads (or fits the softmax "
+        "temperature) on that quarter; the final model is trained on all of them with those "
+        "weights (the linear probe chooses its L2 strength the same way), and predicts the "
         "held-out fold once. Pooled over the folds, each of the "
         f"{len(rows)} evaluable rows ({rows['group'].nunique()} places) is predicted exactly "
         "once per repeat by a model that never saw its place (out-of-fold). A repeat reshuffles "

@@ -53,6 +53,8 @@ class LinearProbe:
         """Fit on rows ``train`` of ``features (N, F)`` / ``labels (N,)`` for every ``C`` of
         ``grid`` (class-balanced weights), keep the best val macro-F1, fit its temperature on
         ``val``, and refit with that ``C`` on ``train`` and ``val`` together."""
+        if len(train) == 0 or len(val) == 0:
+            raise ValueError("the linear probe needs train rows, and val rows to choose C on")
         scaler = StandardScaler().fit(features[train])
         x_train, x_val = scaler.transform(features[train]), scaler.transform(features[val])
         best: tuple[float, float, LogisticRegression] | None = None

@@ -33,12 +33,16 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
     overrides, places_manifest, shared_data, tmp_path, monkeypatch
 ) -> None:
     out = tmp_path / "compare"
-    argv = ["compare", "--configs", "vit", "--folds", "3", "--repeats", "2",
-            "--output", str(out), "--", *overrides]  # fmt: skip
+    argv = ["compare", "--configs", "vit", "linear_probe", "concat", "--folds", "3",
+            "--repeats", "2", "--output", str(out), "--", *overrides]  # fmt: skip
     assert main(argv) == 0
     results = pd.read_csv(out / "results.csv")
-    assert len(results) == 2 * 2 * 3  # (model, repeat, fold)
-    assert list(dict.fromkeys(results["setting"])) == ["bilstm", "vit"]
+    assert len(results) == 4 * 2 * 3  # (model, repeat, fold)
+    assert list(dict.fromkeys(results["setting"])) == ["bilstm", "vit", "linear_probe", "concat"]
+    assert set(results.loc[results["setting"] == "linear_probe", "kind"]) == {"linear_probe"}
+    concat = results[results["setting"] == "concat"]
+    shares = concat[["weight_fused", "weight_image", "weight_series"]].sum(axis=1)
+    assert np.allclose(shares, 1.0)  # each run's heads pooled with weights from val places
     assert all(sorted(f) == [0, 1, 2] for _, f in results.groupby(["setting", "repeat"])["fold"])
     assert {"macro_f1", "ece", "token_seconds", "train_seconds", "vit_tokens"} <= set(results)
 
@@ -57,7 +61,9 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
     assert "place-grouped 3-fold cross-validation, 2 repeats" in summary
     assert "Not evaluable on new places: park" in summary
     assert "## Against bilstm" in summary and "## Against vit" in summary
-    assert "| vit |" in summary and "±" in summary
+    assert "| vit |" in summary and "| linear_probe |" in summary and "±" in summary
+    # The fused model with one view removed, scored on the same rows.
+    assert "| concat · image alone |" in summary and "| concat · series alone |" in summary
     for image in ("compare.png", "confusion.png"):
         assert (out / image).stat().st_size > 10_000
 

@@ -70,7 +70,7 @@ def _check_sections(nb: nbformat.NotebookNode) -> None:
 
     (comparison,) = [c for c in code if 'COMPARE / "compare.png"' in c.source]
     assert _images(comparison) == 1 or "fusion compare" in _texts(comparison)
-    predictions = [c for c in code if "task.calibrated(" in c.source]
+    predictions = [c for c in code if "task.predict_step(" in c.source]
     assert len(predictions) == 1 and _images(predictions[0]) == 1
     # Figures: the tile + series, the confusion matrix and the predictions (at least).
     assert sum(_images(c) for c in code) >= 3

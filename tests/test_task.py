@@ -194,12 +194,57 @@ def test_heads_are_weighed_on_held_out_places_and_the_refit_trains_on_all_but_th
     task = FusionTask.load_from_checkpoint(
         tmp_path / "ckpt" / "heldout" / "last.ckpt", weights_only=True, map_location="cpu"
     ).eval()
-    task.frozen_tokens(dm)
-    dm.set_load_images(False)
-    with torch.no_grad():
-        batches = list(dm.val_dataloader())
-        heads = [torch.cat(z) for z in zip(*(task.heads(b).values() for b in batches), strict=True)]
-    labels = torch.cat([b["label"] for b in batches])
-    weights = torch.tensor(fit_view_weights(heads, labels))
+    heads, labels = task.held_out_heads(dm)
+    weights = torch.tensor(fit_view_weights(heads.unbind(dim=1), labels))
     assert (weights / weights.sum()).tolist() == pytest.approx(stage1["weights"], rel=1e-4)
     assert 1 / float(weights.sum()) == pytest.approx(stage1["temperature"], rel=1e-4)
+
+
+def test_cross_fitted_weights_come_from_models_that_never_saw_the_rows_places(
+    places_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path: Path
+) -> None:
+    record, cache = tmp_path / "rows.jsonl", tmp_path / "cache"
+    data = [
+        "--data.manifest", str(places_manifest),
+        "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
+        "--data.folds", "3", "--data.fold", "0", "--data.inner_folds", "2",
+        "--data.image_size", str(IMAGE_SIZE),
+        "--data.cache_dir", str(cache),
+    ]  # fmt: skip
+    argv = [
+        "fit", "--config", "configs/concat.yaml", "--refit", "true", *data,
+        "--model.cache_dir", str(cache),
+        "--model.net.vit_weights", str(vit_weights),
+        "--model.net.token_grid", "2",
+        "--trainer.max_epochs", "2",
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+        "--trainer.callbacks+=tests.callbacks.RecordRows",
+        "--trainer.callbacks.path", str(record),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    first, second, final = (json.loads(line) for line in record.read_text().splitlines())
+    dms = [build_cli(["--config", "configs/concat.yaml", *data, "--data.inner_fold", str(k)],
+                     run=False).datamodule for k in (0, 1)]  # fmt: skip
+    test = set(np.flatnonzero(dms[0].splits == "test").tolist())
+    # Each inner model is scored on places it never trained on; together they score every
+    # training place once; the final model trains on them all and never on the test fold.
+    for inner, dm in zip((first, second), dms, strict=True):
+        assert set(inner["val"]) == set(np.flatnonzero(dm.splits == "val").tolist())
+        assert not set(dm.groups[inner["val"]]) & set(dm.groups[inner["train"]])
+    assert not set(first["val"]) & set(second["val"])
+    trained = set(final["train"])
+    assert set(first["val"]) | set(second["val"]) <= trained and not trained & test
+    # The final weights are those the val rows of both inner models ask for.
+    heads, labels = [], []
+    for path, dm in zip(("last.ckpt", "inner1/last.ckpt"), dms, strict=True):
+        task = FusionTask.load_from_checkpoint(
+            tmp_path / "ckpt" / "heldout" / path, weights_only=True, map_location="cpu"
+        )
+        h, y = task.held_out_heads(dm)
+        heads.append(h)
+        labels.append(y)
+    weights = torch.tensor(fit_view_weights(torch.cat(heads).unbind(dim=1), torch.cat(labels)))
+    assert final["weights"] == pytest.approx((weights / weights.sum()).tolist(), rel=1e-4)
+    assert final["temperature"] == pytest.approx(1 / float(weights.sum()), rel=1e-4)

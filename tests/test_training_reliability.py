@@ -172,13 +172,9 @@ def test_ddp_two_processes_on_cpu(fusion: Runner, uninterrupted: Path, tmp_path:
     # fitting them again on every val row, in one process, gives them back.
     dm = build_cli(fusion.args, run=False).datamodule
     task = FusionTask.load_from_checkpoint(last, weights_only=True, map_location="cpu").eval()
-    task.frozen_tokens(dm)
-    dm.set_load_images(False)
-    with torch.no_grad():
-        batches = list(dm.val_dataloader())
-        heads = [torch.cat(z) for z in zip(*(task.heads(b).values() for b in batches), strict=True)]
-    assert sum(len(b["label"]) for b in batches) == 6 * 4
-    fitted = torch.tensor(fit_view_weights(heads, torch.cat([b["label"] for b in batches])))
+    heads, labels = task.held_out_heads(dm)
+    assert len(labels) == 6 * 4
+    fitted = torch.tensor(fit_view_weights(heads.unbind(dim=1), labels))
     assert 1 / float(fitted.sum()) == pytest.approx(temperature, rel=1e-4)
     assert (fitted / fitted.sum()).tolist() == pytest.approx(
         task.net.view_weights.tolist(), rel=1e-4

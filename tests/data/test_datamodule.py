@@ -141,6 +141,31 @@ def test_a_cross_validation_fold_holds_out_whole_places(shared_data: Path, cache
     assert dm.info()["band_stats"] == {"mean": [120.0, 120.0, 110.0], "std": [60.0, 55.0, 55.0]}
 
 
+def test_inner_folds_make_every_training_place_val_once(shared_data: Path, cache_dir: Path) -> None:
+    def fold(inner_fold: int) -> FusionDataModule:
+        dm = FusionDataModule(
+            manifest=str(shared_data / "paired" / "manifest.csv"),
+            split="place", groups=str(shared_data / "footfall" / "sensors.csv"),
+            folds=5, fold=1, inner_folds=3, inner_fold=inner_fold,
+            cache_dir=str(cache_dir), image_size=56,
+            band_stats={"mean": [120.0, 120.0, 110.0], "std": [60.0, 55.0, 55.0]},
+        )  # fmt: skip
+        dm.setup()
+        return dm
+
+    dms = [fold(k) for k in range(3)]
+    test = dms[0].splits == "test"
+    assert all((dm.splits == "test").tolist() == test.tolist() for dm in dms)  # one outer fold
+    vals = [set(np.flatnonzero(dm.splits == "val").tolist()) for dm in dms]
+    assert all(vals) and not (vals[0] & vals[1] or vals[0] & vals[2] or vals[1] & vals[2])
+    park = (dms[0].frame["label"] == "park").to_numpy()
+    assert set().union(*vals) == set(np.flatnonzero(~test & ~park).tolist())
+    for dm, val in zip(dms, vals, strict=True):  # val places are never trained on
+        assert not set(dm.groups[sorted(val)]) & set(dm.groups[dm.splits == "train"])
+    with pytest.raises(ValueError, match="inner folds need"):
+        FusionDataModule(manifest="x.csv", split="place", inner_folds=3, inner_fold=3)
+
+
 def test_cross_validation_needs_a_place_or_stratified_inner_split(shared_data: Path) -> None:
     manifest = str(shared_data / "paired" / "manifest.csv")
     with pytest.raises(ValueError, match="cross-validation needs"):
