@@ -535,7 +535,8 @@ def versus_markdown(table: pd.DataFrame, reference: str) -> str:
     lines = [
         f"## Against {reference} (pooled out-of-fold macro-F1 difference)",
         "",
-        "| setting | per repeat | mean | 95% interval (places resampled) | largest class loss |",
+        "| setting | per repeat | mean | 95% interval (places resampled) "
+        "| worst class (F1 difference) |",
         "|---|---|---|---|---|",
     ]
     for _, r in table.iterrows():
