@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from fusion.calibration import fit_temperature
 from fusion.metrics import macro_f1
+from fusion.models.vit import cls_and_mean
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 ABSENT = -1e4  # the logit of a class without training rows
@@ -27,8 +28,7 @@ ABSENT = -1e4  # the logit of a class without training rows
 
 def probe_features(tokens: torch.Tensor) -> np.ndarray:
     """``tokens (N, 1 + P, D)`` (CLS first) → ``(N, 2D)`` float64: CLS and mean patch token."""
-    x = tokens.float()
-    return torch.cat([x[:, 0], x[:, 1:].mean(dim=1)], dim=1).double().numpy()
+    return cls_and_mean(tokens.float()).double().numpy()
 
 
 @dataclass

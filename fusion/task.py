@@ -32,6 +32,7 @@ from fusion.calibration import (
 from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
 from fusion.metrics import SCALARS, ClassificationScores, plot_confusion
 from fusion.models.classifier import FusionClassifier
+from fusion.models.experts import pool_experts
 
 Batch = dict[str, Tensor]
 VIEWS = ("image", "series")  # what a model of both views reports alone
@@ -170,11 +171,13 @@ class FusionTask(L.LightningModule):
         encoder = self.net.image_encoder
         return encoder is not None and encoder.cacheable
 
-    def _ensure_image_tokens(self) -> None:
-        """Compute a frozen ViT's tokens once per tile (cached on disk); stop decoding tiles."""
-        if not self.caches_image_tokens or self.trainer is None:
+    def _ensure_image_tokens(self, dm: Any = None) -> None:
+        """Compute a frozen ViT's tokens once per tile of ``dm`` (default: the trainer's
+        datamodule; cached on disk); stop decoding its tiles."""
+        if dm is None and self._trainer is not None:
+            dm = self.trainer.datamodule
+        if not self.caches_image_tokens or dm is None:
             return
-        dm = self.trainer.datamodule
         if self._tokens is not None and self._tokens_dm is dm:
             return  # every validation epoch lands here: no re-hashing of the tiles
         self.frozen_tokens(dm)
@@ -313,8 +316,9 @@ class FusionTask(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        heads = torch.stack(list(self.heads(batch).values()), dim=1)  # (B, H, K)
-        logits = torch.einsum("bhk,h->bk", heads, self.net.view_weights)
+        named = self.heads(batch)
+        logits = pool_experts(named, self.net.view_weights)
+        heads = torch.stack(list(named.values()), dim=1)  # (B, H, K)
         loss = self.criterion(logits, batch["label"])
         self.log("val/loss", loss, batch_size=len(logits), sync_dist=True)
         self.val_metrics.update(logits, batch["label"])
@@ -417,9 +421,7 @@ class FusionTask(L.LightningModule):
         """Each head's logits on ``dm``'s val rows, ``(N, H, K)``, and their labels ``(N,)``."""
         was_training = self.training
         self.eval()
-        if self.caches_image_tokens:
-            self.frozen_tokens(dm)
-            dm.set_load_images(False)
+        self._ensure_image_tokens(dm)
         batches = list(dm.val_dataloader())
         heads = torch.cat([torch.stack(list(self.heads(b).values()), dim=1) for b in batches])
         self.train(was_training)

@@ -152,6 +152,24 @@ def test_computing_image_tokens_leaves_the_global_rng_alone(dm, vit_weights) -> 
     assert torch.equal(torch.rand(3), expected)
 
 
+def _refit_argv(config: str, data: list[str], vit_weights: Path, tmp_path: Path) -> list[str]:
+    """``fusion fit --refit true`` of ``config`` on ``data`` settings, small and quick: every
+    stage's train/val rows and head weights recorded to ``tmp_path/rows.jsonl``, checkpoints in
+    ``tmp_path/ckpt``, the token cache in ``tmp_path/cache``."""
+    return [
+        "fit", "--config", config, "--refit", "true", *data,
+        "--model.cache_dir", str(tmp_path / "cache"),
+        "--model.net.vit_weights", str(vit_weights),
+        "--model.net.token_grid", "2",
+        "--trainer.max_epochs", "2",
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+        "--trainer.callbacks+=tests.callbacks.RecordRows",
+        "--trainer.callbacks.path", str(tmp_path / "rows.jsonl"),
+    ]  # fmt: skip
+
+
 def test_heads_are_weighed_on_held_out_places_and_the_refit_trains_on_all_but_the_test_fold(
     places_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path: Path
 ) -> None:
@@ -163,19 +181,7 @@ def test_heads_are_weighed_on_held_out_places_and_the_refit_trains_on_all_but_th
         "--data.image_size", str(IMAGE_SIZE),
         "--data.cache_dir", str(cache),
     ]  # fmt: skip
-    argv = [
-        "fit", "--config", "configs/mbt_mid.yaml", "--refit", "true", *data,
-        "--model.cache_dir", str(cache),
-        "--model.net.vit_weights", str(vit_weights),
-        "--model.net.token_grid", "2",
-        "--trainer.max_epochs", "2",
-        "--trainer.logger", "false",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
-        "--trainer.callbacks+=tests.callbacks.RecordRows",
-        "--trainer.callbacks.path", str(record),
-    ]  # fmt: skip
-    assert main(argv) == 0
+    assert main(_refit_argv("configs/mbt_mid.yaml", data, vit_weights, tmp_path)) == 0
     stage1, stage2 = (json.loads(line) for line in record.read_text().splitlines())
     # The same folds and inner split as the run's, rebuilt from its settings.
     cli = build_cli(["--config", "configs/mbt_mid.yaml", *data], run=False)
@@ -211,19 +217,7 @@ def test_cross_fitted_weights_come_from_models_that_never_saw_the_rows_places(
         "--data.image_size", str(IMAGE_SIZE),
         "--data.cache_dir", str(cache),
     ]  # fmt: skip
-    argv = [
-        "fit", "--config", "configs/concat.yaml", "--refit", "true", *data,
-        "--model.cache_dir", str(cache),
-        "--model.net.vit_weights", str(vit_weights),
-        "--model.net.token_grid", "2",
-        "--trainer.max_epochs", "2",
-        "--trainer.logger", "false",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
-        "--trainer.callbacks+=tests.callbacks.RecordRows",
-        "--trainer.callbacks.path", str(record),
-    ]  # fmt: skip
-    assert main(argv) == 0
+    assert main(_refit_argv("configs/concat.yaml", data, vit_weights, tmp_path)) == 0
     first, second, final = (json.loads(line) for line in record.read_text().splitlines())
     dms = [build_cli(["--config", "configs/concat.yaml", *data, "--data.inner_fold", str(k)],
                      run=False).datamodule for k in (0, 1)]  # fmt: skip

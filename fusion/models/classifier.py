@@ -30,7 +30,7 @@ from fusion.models.bottleneck import BottleneckFusion, fusion_layer_for
 from fusion.models.cross_attention import MsIFTFusion
 from fusion.models.experts import ExpertHead, pool_experts
 from fusion.models.trans_blstm import TransBLSTMEncoder
-from fusion.models.vit import Freeze, ViTEncoder
+from fusion.models.vit import Freeze, ViTEncoder, cls_and_mean
 
 FusionKind = Literal["none", "concat", "msift", "mbt"]
 SeriesKind = Literal["bilstm", "trans_blstm"]
@@ -235,10 +235,10 @@ class FusionClassifier(nn.Module):
         image_vector = series_vector = None
         if self.image_encoder is not None:
             img_tokens = image_tokens if image_tokens is not None else self.encode_image(image)
-            image_vector = torch.cat([img_tokens[:, 0], img_tokens[:, 1:].mean(dim=1)], dim=-1)
+            image_vector = cls_and_mean(img_tokens)
             if self.missing_image is not None and for_fusion["image"] is not None:
                 img_tokens = self.missing_image(img_tokens, for_fusion["image"])
-            parts.append(torch.cat([img_tokens[:, 0], img_tokens[:, 1:].mean(dim=1)], dim=-1))
+            parts.append(cls_and_mean(img_tokens))
         if self.series_encoder is not None:
             assert series is not None and series_mask is not None
             series = standardize_counts(series, series_mask, self.n_counts)

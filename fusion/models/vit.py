@@ -22,6 +22,12 @@ Freeze = Literal["all", "none"] | int
 _HEAD_PREFIXES = ("norm.", "fc_norm.", "head")
 
 
+def cls_and_mean(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens (B, 1 + N, D)`` (CLS first) → the CLS and mean patch token side by side
+    ``(B, 2D)``: the image vector of the image expert and of the linear probe."""
+    return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+
+
 class ViTEncoder(nn.Module):
     """``(B, C, S, S)`` → ``tokens (B, 1 + G*G, D)`` (CLS + pooled patch grid), ``pooled (B, D)``.
 
