@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Iterable
 from os import PathLike
+from pathlib import Path
+
+# Delimiters a table might have been saved with instead of ',' (as a message names them).
+_OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}
+_HEADER_SHOWN = 80
 
 
 class InputError(ValueError):
@@ -62,3 +68,31 @@ class InputErrors(ValueError):
             shown.append(f"  ... and {len(self.errors) - limit} more")
         noun = "problem" if len(self.errors) == 1 else "problems"
         super().__init__(f"{len(self.errors)} input {noun} found:\n" + "\n".join(shown))
+
+
+def header_hint(path: str | PathLike[str]) -> str:
+    """A note for a CSV whose header lacks columns: the header line as read and, when it looks
+    split by ``;``, tab or ``|`` rather than ``,``, that delimiter.
+
+    E.g. ``header read: 'sample_id;image' (it looks ';'-separated; save the table with ','
+    between columns)``. The header is the first non-blank line (``.gz`` files are
+    decompressed), shortened when long; "" if the file cannot be read.
+    """
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = next((line for line in handle if line.strip()), b"")
+    except (OSError, EOFError):
+        return ""
+    text = header.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
+    if not text.strip():
+        return "the file has no header line"
+    shown = text if len(text) <= _HEADER_SHOWN else text[: _HEADER_SHOWN - 3] + "..."
+    note = f"header read: {shown!r}"
+    counts = {d: text.count(d) for d in _OTHER_DELIMITERS}
+    delimiter = max(counts, key=lambda d: counts[d])
+    if counts[delimiter] > text.count(","):
+        name = _OTHER_DELIMITERS[delimiter]
+        note += f" (it looks {name}-separated; save the table with ',' between columns)"
+    return note

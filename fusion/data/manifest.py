@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fusion.errors import InputError, InputErrors
+from fusion.errors import InputError, InputErrors, header_hint
 
 SPLITS = ("train", "val", "test")
 LINE = "_line"
@@ -33,24 +33,30 @@ def read_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -
 def load_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -> pd.DataFrame:
     """Read a manifest's table: strings, ``hours`` as int (0 where not a number), and ``_line``.
 
-    Raises :class:`InputError` only if the file is missing, unreadable or lacks a column; row
-    problems are left to :func:`check_manifest`.
+    Raises :class:`InputError` only if the file is missing, empty, unreadable, lacks a column
+    (naming the header it read and a delimiter other than ',' it seems to use) or has no rows;
+    row problems are left to :func:`check_manifest`.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError("manifest not found", file=path)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+    except pd.errors.EmptyDataError as err:
+        raise InputError("manifest is empty (no header, no rows)", file=path) from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read manifest: {err}", file=path) from err
     required = ("sample_id", "image", key_column, "start", "hours")
     missing = [c for c in required if c not in frame.columns]
     if missing:
+        hint = header_hint(path)
         raise InputError(
             f"missing column(s) {missing}; a manifest needs {list(required)} "
-            "(+ optional 'label', 'split')",
+            f"(+ optional 'label', 'split')" + (f"; {hint}" if hint else ""),
             file=path,
         )
+    if frame.empty:
+        raise InputError("manifest has a header but no rows (no samples)", file=path)
     frame = frame.apply(lambda col: col.str.strip())
     frame[LINE] = range(2, len(frame) + 2)
     frame["hours_text"] = frame["hours"]

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fusion.errors import InputError
+from fusion.errors import InputError, header_hint
 
 CALENDAR_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
 
@@ -350,7 +350,13 @@ def _load(
     if not name.endswith((".csv", ".csv.gz")):
         raise InputError("unsupported table format (expected .csv, .csv.gz or .parquet)", file=path)
     try:
-        _require_columns(columns, pd.read_csv(path, nrows=0).columns, path)
+        header = pd.read_csv(path, nrows=0).columns
+    except pd.errors.EmptyDataError:
+        raise InputError("table is empty (no header, no rows)", file=path) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read CSV: {error}", file=path) from None
+    _require_columns(columns, header, path, csv=True)
+    try:
         reader = pd.read_csv(
             path,
             usecols=columns,
@@ -376,11 +382,19 @@ def _load(
         raise InputError(f"cannot read CSV: {error}", file=path) from None
 
 
-def _require_columns(columns: list[str], available: Iterable[str], path: Path) -> None:
+def _require_columns(
+    columns: list[str], available: Iterable[str], path: Path, *, csv: bool = False
+) -> None:
+    """Raise for the first of ``columns`` not ``available``; for a CSV the message shows the
+    header line and a delimiter other than ',' it seems to use (:func:`header_hint`)."""
     names = set(available)
     for column in columns:
         if column not in names:
-            raise InputError("column missing from the table header", file=path, field=column)
+            message = "column missing from the table header"
+            hint = header_hint(path) if csv else ""
+            if hint:
+                message += f"; {hint}"
+            raise InputError(message, file=path, field=column)
 
 
 def _show(column: pd.Series, index: int) -> str:

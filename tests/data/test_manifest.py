@@ -71,6 +71,43 @@ def test_all_row_problems_reported_together(tmp_path: Path) -> None:
     assert found == {(2, "hours"), (3, "image"), (4, "split"), (5, "sample_id")}
 
 
+@pytest.mark.parametrize(("sep", "name"), [(";", "';'"), ("\t", "tab"), ("|", "'|'")])
+def test_other_delimiter_is_named(shared_data: Path, tmp_path: Path, sep: str, name: str) -> None:
+    lines = (shared_data / "paired" / "manifest.csv").read_text().splitlines()[:20]
+    path = write(tmp_path, "\n".join(line.replace(",", sep) for line in lines) + "\n")
+    with pytest.raises(InputError) as info:
+        read_manifest(path)
+    message = str(info.value)
+    assert info.value.file == str(path) and "missing column(s)" in message
+    assert repr(lines[0].replace(",", sep)) in message  # the header line as read
+    assert f"looks {name}-separated" in message
+
+
+def test_header_shown_shortened_and_no_hint_for_commas(tmp_path: Path) -> None:
+    header = "id,picture," + ",".join(f"extra_column_{i}" for i in range(20))
+    path = write(tmp_path, header + "\n1,a.jpg" + "," * 20 + "\n")
+    with pytest.raises(InputError, match="missing column") as info:
+        read_manifest(path)
+    message = str(info.value)
+    assert "header read: 'id,picture,extra_column_0" in message and "...'" in message
+    assert header not in message and "separated" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (HEADER, "header but no rows"),
+        (HEADER + "\n\n", "header but no rows"),
+        ("", "manifest is empty"),
+    ],
+)
+def test_empty_manifest(tmp_path: Path, text: str, match: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InputError, match=match) as info:
+        read_manifest(path)
+    assert info.value.file == str(path)
+
+
 def test_missing_manifest(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="manifest not found"):
         read_manifest(tmp_path / "nope.csv")

@@ -12,11 +12,11 @@ import pytest
 import rasterio
 import torch
 from rasterio.windows import Window
-from shapely.geometry import Polygon, box
+from shapely.geometry import LineString, Polygon, box
 from torch.utils.data import DataLoader, Dataset
 
 from fusion.data.mosaic import RegionRaster
-from fusion.errors import InputError
+from fusion.errors import InputError, InputErrors
 from tests.conftest import DATA
 
 GEO = DATA / "geotiff"
@@ -215,3 +215,94 @@ def test_landsat_regions_with_nodata() -> None:
     with pytest.raises(InputError, match="all pixels are nodata") as exc:
         regions.read(empty)
     assert exc.value.where == f"region_id={grid['region_id'].iloc[empty]}"
+
+
+# --- degenerate geometries, layers and empty layers (small hand-made files) -------------------
+
+CRS = "EPSG:32618"
+
+
+@pytest.fixture
+def tiny_raster(tmp_path: Path) -> Path:
+    """A 20 x 20 raster of 1 m pixels over (0, 0)-(20, 20), every pixel 1."""
+    path = tmp_path / "tiny.tif"
+    profile = {
+        "driver": "GTiff", "width": 20, "height": 20, "count": 1, "dtype": "uint8", "crs": CRS,
+        "transform": rasterio.Affine(1, 0, 0, 0, -1, 20),
+    }  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.ones((1, 20, 20), dtype=np.uint8))
+    return path
+
+
+BOW_TIE = Polygon([(10, 10), (18, 18), (18, 10), (10, 18)])  # two 16 m² triangles, area 0 as drawn
+
+
+def test_degenerate_regions_are_flagged_not_divided_by(tiny_raster: Path, tmp_path: Path) -> None:
+    geometries = [
+        box(2, 2, 8, 8),
+        BOW_TIE,
+        LineString([(0, 0), (5, 5)]),
+        Polygon([(0, 0), (5, 0), (10, 0)]),  # collapsed to a line
+        Polygon(),
+        None,
+    ]
+    frame = gpd.GeoDataFrame({"region_id": list(range(1, 7))}, geometry=geometries, crs=CRS)
+    regions = RegionRaster(tiny_raster, write_regions(tmp_path / "odd.gpkg", frame))
+    assert BOW_TIE.area == 0  # what dividing by the drawn area would have met
+    assert regions.problems == [
+        "",
+        "invalid geometry (self-intersection), repaired with make_valid",
+        "zero-area geometry (a LineString, expected a polygon)",
+        "zero-area geometry (a Polygon with no area)",
+        "empty geometry",
+        "no geometry",
+    ]
+    np.testing.assert_allclose(regions.areas, [36, 32, 0, 0, 0, 0])
+    assert regions.degenerate() == [3, 4, 5, 6] and regions.outside() == []
+    assert regions.read(0).valid.sum() == 36
+    bow = regions.read(1)  # read along the repaired polygon
+    share = bow.valid.sum() * regions.pixel_area / regions.areas[1]
+    assert 0.5 < share <= 1.25 and bow.valid.sum() < bow.valid.size
+    for i, note in [(2, "zero-area"), (3, "zero-area"), (4, "empty geometry"), (5, "no geometry")]:
+        with pytest.raises(InputError, match=note) as exc:
+            regions.read(i)
+        assert exc.value.where == f"region_id={i + 1}" and exc.value.file == str(
+            regions.regions_path
+        )
+    assert len(regions.frame) == 6  # the layer as read is kept whole for outputs
+
+
+def test_only_degenerate_regions_raise(tiny_raster: Path, tmp_path: Path) -> None:
+    frame = gpd.GeoDataFrame(
+        {"region_id": ["a", "b"]}, geometry=[LineString([(0, 0), (5, 5)]), Polygon()], crs=CRS
+    )
+    with pytest.raises(InputErrors) as exc:
+        RegionRaster(tiny_raster, write_regions(tmp_path / "lines.gpkg", frame))
+    assert [e.where for e in exc.value.errors] == ["region_id=a", "region_id=b"]
+    assert "zero-area geometry" in str(exc.value) and "empty geometry" in str(exc.value)
+
+
+def test_several_layers_need_a_layer(tiny_raster: Path, tmp_path: Path) -> None:
+    path = tmp_path / "city.gpkg"
+    squares = gpd.GeoDataFrame({"region_id": [1, 2]}, geometry=[box(0, 0, 5, 5), box(5, 5, 9, 9)])
+    squares.set_crs(CRS).to_file(path, layer="blocks")
+    roads = gpd.GeoDataFrame({"region_id": [1]}, geometry=[LineString([(0, 0), (9, 9)])], crs=CRS)
+    roads.to_file(path, layer="roads")
+    with pytest.raises(InputError, match="2 layers") as exc:
+        RegionRaster(tiny_raster, path)
+    assert exc.value.file == str(path)
+    assert "'blocks' (Polygon)" in str(exc.value) and "'roads' (LineString)" in str(exc.value)
+    assert "--layer" in str(exc.value)
+    with pytest.raises(InputError, match="no layer 'parcels'") as exc:
+        RegionRaster(tiny_raster, path, layer="parcels")
+    assert "'blocks'" in str(exc.value) and "'roads'" in str(exc.value)
+    assert RegionRaster(tiny_raster, path, layer="blocks").ids == [1, 2]
+
+
+def test_layer_without_features(tiny_raster: Path, tmp_path: Path) -> None:
+    frame = gpd.GeoDataFrame({"region_id": [1]}, geometry=[box(0, 0, 5, 5)], crs=CRS)
+    path = write_regions(tmp_path / "none.gpkg", frame.iloc[:0])
+    with pytest.raises(InputError, match="layer 'regions' has no features") as exc:
+        RegionRaster(tiny_raster, path)
+    assert exc.value.file == str(path)

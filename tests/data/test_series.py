@@ -344,6 +344,41 @@ def test_missing_column(tmp_path: Path) -> None:
     assert info.value.field == "visits"
 
 
+@pytest.mark.parametrize(("sep", "name"), [(";", "';'"), ("\t", "tab"), ("|", "'|'")])
+def test_other_delimiter_is_named(shared_data: Path, tmp_path: Path, sep: str, name: str) -> None:
+    real = pd.read_csv(shared_data / "footfall" / "counts.csv.gz", nrows=30, dtype=str)
+    path = tmp_path / "counts.csv.gz"
+    real.to_csv(path, sep=sep, index=False)
+    with pytest.raises(InputError, match="column missing from the table header") as info:
+        SeriesTable.read(path)
+    assert (info.value.file, info.value.field) == (str(path), "sensor_id")
+    assert repr(sep.join(real.columns)) in str(info.value)
+    assert f"looks {name}-separated" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("sensor_id,timestamp,count\n", "no data rows"),
+        ("sensor_id,timestamp,count\n\n,,\n", "no data rows"),
+        ("", "table is empty"),
+    ],
+)
+def test_empty_table(tmp_path: Path, text: str, match: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InputError, match=match) as info:
+        SeriesTable.read(path)
+    assert info.value.file == str(path)
+
+
+def test_empty_parquet_table(tmp_path: Path) -> None:
+    path = tmp_path / "counts.parquet"
+    empty = {"sensor_id": [], "timestamp": pd.Series([], dtype="datetime64[us, UTC]"), "count": []}
+    pd.DataFrame(empty).to_parquet(path)
+    with pytest.raises(InputError, match="no data rows"):
+        SeriesTable.read(path)
+
+
 def test_unsupported_and_absent_files(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unsupported table format"):
         SeriesTable.read(write(tmp_path, "x", name="counts.xlsx"))
