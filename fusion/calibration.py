@@ -72,6 +72,19 @@ def expected_calibration_error(
     return float((correct_sum - conf_sum).abs().sum() / count.sum())
 
 
+def calibrated_probabilities(
+    logits: torch.Tensor, temperature: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """Class probabilities ``softmax(logits / T)``, ``(N, K)`` in the dtype of ``logits (N, K)``.
+
+    The one place the model's calibrated output is computed: training logs, ``fusion test``,
+    ``fusion predict`` and the experiments all call it.
+    """
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(logits.device, logits.dtype)
+    return (logits / temperature).softmax(dim=-1)
+
+
 def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
     """Mean NLL of ``softmax(logits / temperature)``; float64 ``logits (N, K)``, ``labels (N,)``."""
     return float(F.cross_entropy(logits / temperature, labels))
@@ -151,8 +164,8 @@ def calibration_errors(
     x, y = _cpu64(logits, labels)
     with torch.no_grad():
         return (
-            expected_calibration_error(torch.softmax(x, dim=1), y, n_bins),
-            expected_calibration_error(torch.softmax(x / temperature, dim=1), y, n_bins),
+            expected_calibration_error(calibrated_probabilities(x), y, n_bins),
+            expected_calibration_error(calibrated_probabilities(x, temperature), y, n_bins),
         )
 
 

@@ -85,39 +85,36 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import dataclasses
     import os
 
-    import torch
+    from fusion.io import check_replaceable
 
     # GDAL keeps decoded raster blocks up to 5% of the RAM by default: across a city-wide raster
     # that cache, not the model, would set the memory. A user's own setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")  # MB
 
-    from fusion.predict import ManifestSamples, RegionSamples, load_model, predict
+    from fusion.data.prediction import ManifestSamples, PredictionDataModule, RegionSamples
+    from fusion.predict import load_model, predict
 
     if (args.manifest is None) == (args.raster is None):
         parser.error("predict needs either --manifest or --raster with --regions")
     if args.raster is not None and args.regions is None:
         parser.error("--raster needs --regions")
-    task, inputs = load_model(args.ckpt_path)
+    check_replaceable(args.output)  # before any work
+    task, contract = load_model(args.ckpt_path)
     if args.bands:
-        inputs = dataclasses.replace(inputs, bands=args.bands)
+        contract = dataclasses.replace(contract, bands=tuple(args.bands))
     if args.manifest is not None:
         samples: ManifestSamples | RegionSamples = ManifestSamples(
-            args.manifest, inputs, series=args.series, image_root=args.image_root,
+            args.manifest, contract, series=args.series, image_root=args.image_root,
             split=args.split, timezone=args.timezone, min_valid=args.min_valid,
         )  # fmt: skip
     else:
         samples = RegionSamples(
-            args.raster, args.regions, inputs, id_column=args.id_column, layer=args.layer,
+            args.raster, args.regions, contract, id_column=args.id_column, layer=args.layer,
             series=args.series, key=args.key, start=args.start, hours=args.hours,
             timezone=args.timezone, min_valid=args.min_valid,
         )  # fmt: skip
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = predict(
-        task, inputs, samples, args.output, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=device,
-    )  # fmt: skip
+    data = PredictionDataModule(samples, batch_size=args.batch_size, num_workers=args.num_workers)
+    result = predict(task, data, args.output, device=args.device)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts().items()))
     print(f"wrote {result.output} ({len(result.pred)} rows; {counts})")
     if result.map is not None:

@@ -159,25 +159,43 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
     return result
 
 
+def _test_outputs(trainer: Any, task: Any, dm: Any) -> tuple[pd.DataFrame, torch.Tensor, float]:
+    """The last checkpoint's outputs on the test rows (``Trainer.predict`` over the
+    datamodule's held-out rows): their predictions frame, pooled logits and the seconds taken."""
+    from fusion.task import predictions_frame
+
+    start = time.perf_counter()
+    outputs = trainer.predict(task, dm, ckpt_path="last", weights_only=True)
+    seconds = time.perf_counter() - start
+    out = {k: torch.cat([o[k].cpu() for o in outputs]) for k in outputs[0]}
+    index = out["index"].numpy()
+    views = {v: out[f"probs_{v}"].numpy() for v in VIEWS if f"probs_{v}" in out}
+    frame = predictions_frame(
+        index, dm.labels[index], out["probs"].numpy(), list(dm.classes.names), views
+    )
+    return frame, out["logits"], seconds
+
+
 def _train(cli: Any, args: list[str]) -> Outcome:
     """Fit the config's model (and its refit on all training places, if the config asks), then
-    test its last checkpoint."""
+    predict the test rows with its last checkpoint."""
     trainer, task, dm = cli.trainer, cli.model, cli.datamodule
     start = time.perf_counter()
     trainer.fit(task, dm)
-    token_seconds = task.token_seconds
+    token_seconds = dm.token_seconds
     if cli.config["refit"]:
         stage2 = refit(args, trainer, task, cli.config["data"]["inner_folds"])
         trainer, task, dm = stage2.trainer, stage2.model, stage2.datamodule
+        token_seconds += dm.token_seconds
     train_seconds = time.perf_counter() - start - token_seconds
-    start = time.perf_counter()
-    metrics = trainer.test(task, dm, ckpt_path="last", weights_only=True, verbose=False)[0]
-    test_seconds = time.perf_counter() - start
+    predictions, logits, test_seconds = _test_outputs(trainer, task, dm)
+    labels = torch.from_numpy(dm.labels[predictions["row"].to_numpy()])
+    ece, ece_calibrated = calibration_errors(logits, labels, task.temperature.item())
     params = list(task.net.parameters())
     return Outcome(
-        predictions=task.test_predictions,
-        ece=float(metrics["test/ece"]),
-        ece_calibrated=float(metrics["test/ece_calibrated"]),
+        predictions=predictions,
+        ece=ece,
+        ece_calibrated=ece_calibrated,
         temperature=task.temperature.item(),
         parameters=sum(p.numel() for p in params),
         trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
@@ -193,23 +211,25 @@ def _train(cli: Any, args: list[str]) -> Outcome:
 def _probe(task: Any, dm: Any) -> Outcome:
     """The linear probe on the frozen ViT features of ``task``'s image branch: fitted on the
     train rows, ``C`` and temperature chosen on the val rows, scored on the test rows."""
+    from fusion.callbacks import attach_image_tokens
     from fusion.linear_probe import LinearProbe, probe_features
     from fusion.task import predictions_frame
 
     start = time.perf_counter()
-    features = probe_features(task.frozen_tokens(dm))
-    token_seconds = task.token_seconds
+    attach_image_tokens(task, dm)
+    features = probe_features(torch.from_numpy(dm.image_tokens))
+    token_seconds = dm.token_seconds
     k = len(dm.classes)
     rows = {name: np.flatnonzero(dm.splits == name) for name in ("train", "val", "test")}
     probe = LinearProbe.fit(features, dm.labels, rows["train"], rows["val"], k)
     train_seconds = time.perf_counter() - start - token_seconds
     start = time.perf_counter()
     test = rows["test"]
-    logits = torch.from_numpy(probe.logits(features[test], k))
+    probs = probe.probabilities(features[test], k)
     test_seconds = time.perf_counter() - start
+    logits = torch.from_numpy(probe.logits(features[test], k))
     labels = torch.from_numpy(dm.labels[test])
     ece, ece_calibrated = calibration_errors(logits, labels, probe.temperature)
-    probs = (logits / probe.temperature).softmax(dim=1).numpy()
     size = probe.model.coef_.size + probe.model.intercept_.size
     return Outcome(
         predictions=predictions_frame(test, dm.labels[test], probs, list(dm.classes.names)),

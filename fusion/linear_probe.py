@@ -18,7 +18,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from fusion.calibration import fit_temperature
+from fusion.calibration import calibrated_probabilities, fit_temperature
 from fusion.metrics import macro_f1
 from fusion.models.vit import cls_and_mean
 
@@ -86,5 +86,5 @@ class LinearProbe:
 
     def probabilities(self, features: np.ndarray, num_classes: int) -> np.ndarray:
         """Calibrated class probabilities ``(N, K)``."""
-        z = torch.from_numpy(self.logits(features, num_classes) / self.temperature)
-        return z.softmax(dim=1).numpy()
+        z = torch.from_numpy(self.logits(features, num_classes))
+        return calibrated_probabilities(z, self.temperature).numpy()

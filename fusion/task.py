@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,14 @@ import pandas as pd
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from fusion.calibration import (
+    calibrated_probabilities,
     calibration_errors,
     expected_calibration_error,
     fit_view_weights,
 )
-from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
+from fusion.data.contract import DataContract
 from fusion.metrics import SCALARS, ClassificationScores, plot_confusion
 from fusion.models.classifier import FusionClassifier
 from fusion.models.experts import pool_experts
@@ -63,6 +63,31 @@ def probability_columns(
     return pd.DataFrame(columns)
 
 
+@dataclass
+class Collected:
+    """Per-sample outputs gathered over an evaluation epoch (one type for val and test rows):
+    ``index (N,)`` (the row of the data), ``label (N,)``, each head's ``heads (N, H, K)``, the
+    pooled ``logits (N, K)``, and for a model of both views each view's calibrated probabilities
+    alone, ``views[name] (N, K)``."""
+
+    index: Tensor
+    label: Tensor
+    heads: Tensor
+    logits: Tensor
+    views: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Collected]) -> Collected:
+        """The parts one after the other."""
+        columns = {
+            f.name: torch.cat([getattr(p, f.name) for p in parts])
+            for f in fields(cls)
+            if f.name != "views"
+        }
+        views = {v: torch.cat([p.views[v] for p in parts]) for v in parts[0].views}
+        return cls(**columns, views=views)
+
+
 def predictions_frame(
     rows: np.ndarray,
     labels: np.ndarray,
@@ -80,9 +105,9 @@ class FusionTask(L.LightningModule):
     """Cross-entropy training of a :class:`FusionClassifier` with OA / macro-F1 / kappa metrics.
 
     Args:
-        data_info: facts about the data from :meth:`FusionDataModule.info` (classes, class
-            weights, band statistics, bands, tile size, series features); linked automatically by
-            the CLI.
+        data_info: the data's :class:`~fusion.data.contract.DataContract` as a dict (classes,
+            class weights, band statistics, bands, tile size, window and series settings), from
+            :meth:`FusionDataModule.contract`; linked automatically by the CLI.
         net: keyword arguments of :class:`FusionClassifier` (everything but the data facts).
         lr: learning rate of the new layers; ``head_lr`` of the classification heads (default:
             ``lr``); ``backbone_lr`` of a trainable ViT, with ``layer_decay`` per block below the
@@ -95,7 +120,10 @@ class FusionTask(L.LightningModule):
         class_weights: weight the loss by inverse class frequency of the training rows.
         modality_dropout: share of training samples that lose one view (image or series, half
             each), so the model learns to predict from either view alone.
-        cache_dir: where frozen-ViT tokens are cached (default as the data cache; ``""`` off).
+
+    A frozen ViT's tokens come with the batch when the datamodule serves them
+    (``image_tokens``, see :class:`fusion.callbacks.FrozenImageTokens`); otherwise the ViT runs
+    on the batch's images.
 
     Reproducibility: every training epoch re-seeds torch's global RNG (modality dropout, dropout
     layers) from ``(seed_everything, epoch, global rank)``, and the datamodule shuffles epoch
@@ -120,41 +148,36 @@ class FusionTask(L.LightningModule):
         label_smoothing: float = 0.0,
         class_weights: bool = True,
         modality_dropout: float = 0.0,
-        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if data_info is None:
             raise ValueError("data_info is required (the CLI links it from the datamodule)")
         self.save_hyperparameters()
-        self.classes: list[str] = list(data_info["classes"])
+        self.contract = DataContract.from_dict(data_info)
+        self.classes: list[str] = list(self.contract.classes)
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
-        self._tokens: Tensor | None = None
-        self._tokens_key: str | None = None
-        self._tokens_dm: Any = None
-        self.token_seconds = 0.0  # spent computing (not loading) frozen-ViT tokens
         # Softmax temperature fitted on the validation split after each validation epoch of
         # training (Guo et al. 2017), so every checkpoint carries its own calibration.
         self.register_buffer("temperature", torch.ones(()))
-        self._val_rows: list[tuple[Tensor, Tensor, Tensor]] = []  # index, logits, label
+        self._rows: list[Collected] = []  # of the current validation or test epoch
 
     # ------------------------------------------------------------------ configuration hooks
     def configure_models(self) -> None:
-        info = self.hparams.data_info
+        data = self.contract
         net = dict(self.hparams.net or {})
         self.net = FusionClassifier(
             num_classes=len(self.classes),
-            in_chans=info["in_chans"],
-            n_features=info["n_features"],
-            n_counts=len(info["value_columns"]),
-            img_size=info["image_size"],
+            in_chans=data.in_chans,
+            n_features=data.n_features,
+            n_counts=len(data.value_columns),
+            img_size=data.image_size,
             **net,
         )
 
     def configure_losses(self) -> None:
-        info = self.hparams.data_info
-        weights = info.get("class_weights") if self.hparams.class_weights else None
+        weights = self.contract.class_weights if self.hparams.class_weights else None
         self.criterion = nn.CrossEntropyLoss(
             weight=None if weights is None else torch.tensor(weights, dtype=torch.float32),
             label_smoothing=self.hparams.label_smoothing,
@@ -165,103 +188,21 @@ class FusionTask(L.LightningModule):
         self.val_metrics = ClassificationScores(k)
         self.test_metrics = ClassificationScores(k)
 
-    # ------------------------------------------------------------------ frozen image tokens
+    # ------------------------------------------------------------------ forward
     @property
     def caches_image_tokens(self) -> bool:
+        """Whether the image encoder is frozen where its tokens can be cached per tile."""
         encoder = self.net.image_encoder
         return encoder is not None and encoder.cacheable
 
-    def _ensure_image_tokens(self, dm: Any = None) -> None:
-        """Compute a frozen ViT's tokens once per tile of ``dm`` (default: the trainer's
-        datamodule; cached on disk); stop decoding its tiles."""
-        if dm is None and self._trainer is not None:
-            dm = self.trainer.datamodule
-        if not self.caches_image_tokens or dm is None:
-            return
-        if self._tokens is not None and self._tokens_dm is dm:
-            return  # every validation epoch lands here: no re-hashing of the tiles
-        self.frozen_tokens(dm)
-        self._tokens_dm = dm
-        dm.set_load_images(False)
-
-    def frozen_tokens(self, dm: Any) -> Tensor:
-        """The frozen ViT's tokens of every row of ``dm``, ``(N, 1 + G*G, D)`` float16: from the
-        disk cache, or computed once and cached (the time spent adds to ``token_seconds``)."""
-        encoder = self.net.image_encoder
-        info = self.hparams.data_info
-        weights = encoder.weights
-        key = cache_key(
-            "vit-tokens-v1",
-            encoder.config,
-            file_fingerprint(weights) if weights not in (None, "hub") else weights,
-            [dm.band_stats.to_dict(), info["bands"], info["nodata"]],
-            dm.image_fingerprints(),
-        )
-        if key != self._tokens_key or self._tokens is None:
-            start = time.perf_counter()
-            arrays, hit = cached_arrays(
-                "vit-tokens",
-                key,
-                lambda: {"tokens": self._encode_all(dm)},
-                cache_dir=self.hparams.cache_dir,
-            )
-            if not hit:
-                self.token_seconds += time.perf_counter() - start
-            self._tokens = torch.from_numpy(arrays["tokens"])
-            self._tokens_key = key
-        return self._tokens
-
-    @torch.no_grad()
-    def _encode_all(self, dm: Any) -> np.ndarray:
-        """Tokens of every row's tile, ``(N, 1 + G*G, D)`` float16 (zeros where no tile)."""
-        from rich.progress import track
-
-        encoder = self.net.image_encoder
-        was_training = encoder.training
-        encoder.eval()
-        dataset = dm.dataset("all")
-        # Its own generator: computing tokens must not move the global RNG, or a run with a cold
-        # cache would train differently from the same run with a warm one.
-        loader = DataLoader(dataset, batch_size=16, generator=torch.Generator().manual_seed(0))
-        out = np.zeros((len(dataset), encoder.num_tokens, encoder.out_dim), dtype=np.float16)
-        for batch in track(loader, description="ViT tokens (frozen, cached)"):
-            tokens = encoder.frozen_part(batch["image"].to(self.device))
-            out[batch["index"].numpy()] = tokens.cpu().numpy().astype(np.float16)
-        encoder.train(was_training)
-        return out
-
-    def on_fit_start(self) -> None:
-        self._ensure_image_tokens()
-
-    def on_validation_start(self) -> None:
-        self._ensure_image_tokens()
-
-    def on_test_start(self) -> None:
-        self._ensure_image_tokens()
-
-    # ------------------------------------------------------------------ forward
-    def image_tokens(self, images: Tensor) -> Tensor:
-        """ViT tokens ``(B, 1 + G*G, D)`` of ``images (B, C, S, S)``.
-
-        The frozen part's tokens are rounded to float16, as they are cached, so a model gives
-        the same outputs whether they come from the cache (fit, test) or are computed on the
-        spot (``fusion predict``).
-        """
-        encoder = self.net.image_encoder
-        assert encoder is not None
-        if not encoder.cacheable:
-            return encoder(images)[0]
-        return encoder.trainable_part(encoder.frozen_part(images).half().float())
-
     def _inputs(self, batch: Batch) -> dict[str, Tensor | None]:
-        """The classifier's keyword arguments for a batch (image tokens from the cache, or
-        computed here once)."""
-        tokens = None
-        if self._tokens is not None and batch["image"].numel() == 0:
-            cached = self._tokens[batch["index"].cpu()].to(self.device, torch.float32)
-            tokens = self.net.image_encoder.trainable_part(cached)
+        """The classifier's keyword arguments for a batch: the image tokens the batch holds
+        (a frozen ViT's, cached) run through the trainable rest, or the ViT on its images."""
+        tokens = batch.get("image_tokens")
+        if tokens is not None:
+            tokens = self.net.image_encoder.trainable_part(tokens)
         elif self.net.image_encoder is not None:
-            tokens = self.image_tokens(batch["image"])
+            tokens = self.net.encode_image(batch["image"])
         return {
             "image": batch["image"],
             "series": batch["series"],
@@ -315,43 +256,52 @@ class FusionTask(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 
+    def _collect(self, batch: Batch, out: dict[str, Tensor]) -> None:
+        views = {v: out[f"probs_{v}"].float().cpu() for v in VIEWS if f"probs_{v}" in out}
+        row = Collected(
+            index=batch["index"].cpu(),
+            label=batch["label"].cpu(),
+            heads=out["heads"].detach().float().cpu(),
+            logits=out["logits"].detach().float().cpu(),
+            views=views,
+        )
+        self._rows.append(row)
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        named = self.heads(batch)
-        logits = pool_experts(named, self.net.view_weights)
-        heads = torch.stack(list(named.values()), dim=1)  # (B, H, K)
-        loss = self.criterion(logits, batch["label"])
-        self.log("val/loss", loss, batch_size=len(logits), sync_dist=True)
-        self.val_metrics.update(logits, batch["label"])
-        rows = (batch["index"].cpu(), heads.detach().float().cpu(), batch["label"].cpu())
-        self._val_rows.append(rows)
+        out = self._outputs(batch, views=False)
+        loss = self.criterion(out["logits"], batch["label"])
+        self.log("val/loss", loss, batch_size=len(batch["label"]), sync_dist=True)
+        self.val_metrics.update(out["logits"], batch["label"])
+        self._collect(batch, out)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self.predict_step(batch)
-        logits = out["logits"]
-        loss = self.criterion(logits, batch["label"])
-        self.log("test/loss", loss, batch_size=len(logits), sync_dist=True)
-        self.test_metrics.update(logits, batch["label"])
-        views = [out[f"probs_{v}"].float().cpu() for v in VIEWS if f"probs_{v}" in out]
-        rows = (batch["index"].cpu(), batch["label"].cpu(), logits.detach().float().cpu(), *views)
-        self._test_rows.append(rows)
-
-    def on_test_epoch_start(self) -> None:
-        self._test_rows: list[tuple[Tensor, Tensor, Tensor]] = []
+        out = self._outputs(batch)
+        loss = self.criterion(out["logits"], batch["label"])
+        self.log("test/loss", loss, batch_size=len(batch["label"]), sync_dist=True)
+        self.test_metrics.update(out["logits"], batch["label"])
+        self._collect(batch, out)
 
     def calibrated(self, logits: Tensor) -> Tensor:
         """Class probabilities ``(B, K)`` of ``logits (B, K)`` at the fitted temperature."""
-        return (logits.float() / self.temperature.to(logits.device)).softmax(dim=-1)
+        return calibrated_probabilities(logits.float(), self.temperature)
 
-    def predict_step(self, batch: Batch, batch_idx: int = 0) -> dict[str, Tensor]:
-        """Raw ``logits (B, K)``, calibrated ``probs (B, K)`` and ``pred (B,)`` of a batch; for a
-        model of both views also ``probs_image`` and ``probs_series (B, K)``: the model's output
-        with the other view removed (NaN for samples without that view). The ViT runs once; the
-        two extra passes are the series encoder and the fusion module."""
+    def _outputs(self, batch: Batch, views: bool = True) -> dict[str, Tensor]:
+        """Each head's ``heads (B, H, K)``, the pooled ``logits (B, K)``, calibrated ``probs
+        (B, K)`` and ``pred (B,)``; with ``views``, for a model of both views also
+        ``probs_image`` and ``probs_series (B, K)``: the model's output with the other view
+        removed (NaN for samples without that view). The ViT runs once; the two extra passes
+        are the series encoder and the fusion module."""
         inputs = self._inputs(batch)
-        logits = self.net(**inputs)
+        named = self.net.heads(**inputs)
+        logits = pool_experts(named, self.net.view_weights)
         probs = self.calibrated(logits)
-        out = {"index": batch["index"], "logits": logits, "probs": probs, "pred": probs.argmax(-1)}
-        if self.net.fusion_kind != "none":
+        out = {
+            "heads": torch.stack(list(named.values()), dim=1),
+            "logits": logits,
+            "probs": probs,
+            "pred": probs.argmax(-1),
+        }
+        if views and self.net.fusion_kind != "none":
             for view, other in zip(VIEWS, reversed(VIEWS), strict=True):
                 removed = torch.zeros_like(batch[f"has_{other}"])
                 alone = self.calibrated(self.net(**{**inputs, f"has_{other}": removed}))
@@ -361,16 +311,44 @@ class FusionTask(L.LightningModule):
                 )
         return out
 
-    def _all_rows(self, rows: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-        """The per-batch ``(index, ...)`` rows concatenated; under DDP those of every process,
-        each sample once (``DistributedSampler`` repeats a few to even out the processes), in
-        index order. Every process must call this (it is a collective)."""
-        parts = tuple(torch.cat(column) for column in zip(*rows, strict=True))
+    def predict_step(self, batch: Batch, batch_idx: int = 0) -> dict[str, Tensor]:
+        """:meth:`_outputs` of the samples that have a view this model reads; the others (no
+        image for an image-only model, no view at all) get ``pred`` -1 and NaN scores. Also
+        ``index``, and ``has_image`` / ``has_series`` (the views this model used)."""
+        has_image = batch["has_image"] & (self.net.image_encoder is not None)
+        has_series = batch["has_series"] & (self.net.series_encoder is not None)
+        usable = has_image | has_series
+        used = {"index": batch["index"], "has_image": has_image, "has_series": has_series}
+        if bool(usable.all()):
+            return {**self._outputs(batch), **used}
+        n, k, device = len(usable), len(self.classes), usable.device
+        shapes = {"heads": (n, len(self.net.head_names), k), "logits": (n, k), "probs": (n, k)}
+        if self.net.fusion_kind != "none":
+            shapes.update({f"probs_{v}": (n, k) for v in VIEWS})
+        out = {name: torch.full(shape, torch.nan, device=device) for name, shape in shapes.items()}
+        out["pred"] = torch.full((n,), -1, dtype=torch.long, device=device)
+        if bool(usable.any()):
+            rows = {k: v[usable] for k, v in batch.items() if isinstance(v, Tensor)}
+            for name, value in self._outputs(rows).items():
+                out[name][usable] = value.to(out[name].dtype)
+        return {**out, **used}
+
+    def _all_rows(self) -> Collected:
+        """This epoch's rows; under DDP those of every process, each sample once
+        (``DistributedSampler`` repeats a few to even out the processes), in index order. Every
+        process must call this (it is a collective)."""
+        rows = Collected.concat(self._rows)
         if self.trainer.world_size == 1:
-            return parts
-        parts = tuple(t.flatten(0, 1).cpu() for t in self.all_gather(parts))  # (world * N, ...)
-        _, first = np.unique(parts[0].numpy(), return_index=True)
-        return tuple(t[torch.from_numpy(first)] for t in parts)
+            return rows
+        gathered = self.all_gather(
+            {"index": rows.index, "label": rows.label, "heads": rows.heads,
+             "logits": rows.logits, **{f"view_{v}": p for v, p in rows.views.items()}}
+        )  # fmt: skip
+        flat = {k: t.flatten(0, 1).cpu() for k, t in gathered.items()}  # (world * N, ...)
+        _, first = np.unique(flat["index"].numpy(), return_index=True)
+        keep = {k: t[torch.from_numpy(first)] for k, t in flat.items()}
+        views = {k.removeprefix("view_"): t for k, t in keep.items() if k.startswith("view_")}
+        return Collected(keep["index"], keep["label"], keep["heads"], keep["logits"], views)
 
     def _log_metrics(self, metrics: ClassificationScores, stage: str) -> dict[str, Tensor]:
         """Log ``stage/OA``, ``stage/macro_f1``, ``stage/kappa`` and ``stage/f1/<class>`` (classes
@@ -385,22 +363,30 @@ class FusionTask(L.LightningModule):
         return values
 
     def on_validation_epoch_start(self) -> None:
-        self._val_rows = []
+        self._rows = []
+
+    def on_test_epoch_start(self) -> None:
+        self._rows = []
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
         fitting = self.trainer.state.fn == TrainerFn.FITTING
-        if self.trainer.sanity_checking or not fitting or not self._val_rows:
-            return  # the temperature is fitted while training only, on full validation epochs
-        _, heads, labels = self._all_rows(self._val_rows)  # all processes' rows under DDP
+        if self.trainer.sanity_checking or not fitting or not self._rows:
+            return  # the weights are fitted while training only, on full validation epochs
+        rows = self._all_rows()  # all processes' rows under DDP
+        heads, labels = rows.heads, rows.label
         weights = fit_view_weights(heads.unbind(dim=1), labels)
         self.set_view_weights(weights)
         pooled = torch.einsum("nhk,h->nk", heads.double(), torch.tensor(weights).double())
         self.log_dict(
             {
                 "val/temperature": self.temperature.item(),
-                "val/ece": expected_calibration_error(heads.sum(dim=1).softmax(dim=1), labels),
-                "val/ece_calibrated": expected_calibration_error(pooled.softmax(dim=1), labels),
+                "val/ece": expected_calibration_error(
+                    calibrated_probabilities(heads.sum(dim=1)), labels
+                ),
+                "val/ece_calibrated": expected_calibration_error(
+                    calibrated_probabilities(pooled), labels
+                ),
                 **{
                     f"val/weight/{name}": float(w)
                     for name, w in zip(self.net.head_names, self.net.view_weights, strict=True)
@@ -417,15 +403,14 @@ class FusionTask(L.LightningModule):
         self.temperature.fill_(1.0 / total)
 
     @torch.no_grad()
-    def held_out_heads(self, dm: Any) -> tuple[Tensor, Tensor]:
-        """Each head's logits on ``dm``'s val rows, ``(N, H, K)``, and their labels ``(N,)``."""
+    def held_out_heads(self, batches: Iterable[Batch]) -> tuple[Tensor, Tensor]:
+        """Each head's logits on ``batches`` (e.g. the val rows), ``(N, H, K)``, and their
+        labels ``(N,)``."""
         was_training = self.training
         self.eval()
-        self._ensure_image_tokens(dm)
-        batches = list(dm.val_dataloader())
-        heads = torch.cat([torch.stack(list(self.heads(b).values()), dim=1) for b in batches])
+        parts = [(self._outputs(b, views=False)["heads"], b["label"]) for b in batches]
         self.train(was_training)
-        return heads, torch.cat([b["label"] for b in batches])
+        return torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
 
     def calibrate_like(self, other: FusionTask) -> None:
         """Pool the heads with ``other``'s weights and temperature (a refit takes those its
@@ -442,24 +427,22 @@ class FusionTask(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         values = self._log_metrics(self.test_metrics, "test")
-        self.test_confusion = values["confusion"].cpu()
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        # All processes' rows under DDP; for a model of both views also each view alone.
-        index, labels, logits, *views = self._all_rows(self._test_rows)
-        ece, ece_calibrated = calibration_errors(logits, labels, self.temperature.item())
+        rows = self._all_rows()  # all processes' rows under DDP
+        ece, ece_calibrated = calibration_errors(rows.logits, rows.label, self.temperature.item())
         self.log_dict({"test/ece": ece, "test/ece_calibrated": ece_calibrated})
-        self.test_predictions = predictions_frame(
-            index.numpy(),
-            labels.numpy(),
-            self.calibrated(logits).numpy(),
-            self.classes,
-            dict(zip(VIEWS, (v.numpy() for v in views), strict=False)),
-        )
         if not self.trainer.is_global_zero:
             return
-        self.test_predictions.to_csv(folder / "predictions_test.csv", index=False)
+        frame = predictions_frame(
+            rows.index.numpy(),
+            rows.label.numpy(),
+            self.calibrated(rows.logits).numpy(),
+            self.classes,
+            {v: p.numpy() for v, p in rows.views.items()},
+        )
+        frame.to_csv(folder / "predictions_test.csv", index=False)
         plot_confusion(
-            self.test_confusion,
+            values["confusion"].cpu(),
             self.classes,
             folder / "confusion_test.png",
             title=f"test: OA {values['OA']:.3f}, macro-F1 {values['macro_f1']:.3f}",

@@ -12,6 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fusion.calibration import fit_view_weights
+from fusion.callbacks import FrozenImageTokens
 from fusion.data.datamodule import FusionDataModule
 from fusion.task import FusionTask
 
@@ -28,6 +29,7 @@ class FusionCLI(LightningCLI):
             args=argv,
             run=run,
             seed_everything_default=0,
+            trainer_defaults={"callbacks": [FrozenImageTokens()]},  # always there
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
@@ -36,7 +38,10 @@ class FusionCLI(LightningCLI):
         # The model learns the data's classes, statistics and shapes from the datamodule;
         # they are saved in the checkpoint with the model config.
         parser.link_arguments(
-            "data", "model.data_info", compute_fn=lambda dm: dm.info(), apply_on="instantiate"
+            "data",
+            "model.data_info",
+            compute_fn=lambda dm: dm.contract().to_dict(),
+            apply_on="instantiate",
         )
         parser.add_argument(
             "--refit",
@@ -87,12 +92,12 @@ def refit(argv: list[str], trainer: Trainer, stage1: FusionTask, inner_folds: in
     for ckpt in folder.glob("*.ckpt"):
         ckpt.rename(heldout / ckpt.name)
     if inner_folds >= 2:
-        parts = [stage1.held_out_heads(trainer.datamodule)]
+        parts = [stage1.held_out_heads(trainer.datamodule.val_dataloader())]
         for k in range(1, inner_folds):
             inner = build_cli([*argv, "--data.inner_fold", str(k), "--refit", "false"], run=False)
             inner.trainer.checkpoint_callback.dirpath = str(heldout / f"inner{k}")
             inner.trainer.fit(inner.model, inner.datamodule)
-            parts.append(inner.model.held_out_heads(inner.datamodule))
+            parts.append(inner.model.held_out_heads(inner.datamodule.val_dataloader()))
         heads, labels = (torch.cat(column) for column in zip(*parts, strict=True))
         stage1.set_view_weights(fit_view_weights(heads.unbind(dim=1), labels))
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

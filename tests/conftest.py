@@ -87,7 +87,6 @@ def trained_run(
         "--data.cache_dir", str(cache),
         "--model.net.vit_weights", str(vit_weights),
         "--model.net.token_grid", "2",
-        "--model.cache_dir", str(cache),
         "--trainer.default_root_dir", str(root),
         "--trainer.logger", "false",
         "--trainer.callbacks.dirpath", str(root / "ckpt"),  # the config's ModelCheckpoint

@@ -24,7 +24,6 @@ def overrides(places_manifest, shared_data, vit_weights, tmp_path_factory) -> li
         "--data.cache_dir", str(cache),
         "--model.net.vit_weights", str(vit_weights),
         "--model.net.token_grid", "2",
-        "--model.cache_dir", str(cache),
         "--trainer.max_epochs", "1",
     ]  # fmt: skip
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from fusion.calibration import fit_view_weights
 from fusion.cli import main
 from fusion.data.datamodule import FusionDataModule
+from fusion.data.tokens import encode_tiles
 from fusion.task import FusionTask
 from fusion.training import build_cli
 from tests.conftest import IMAGE_SIZE, TrainedRun
@@ -47,7 +48,9 @@ def net(vit_weights: Path, **kwargs) -> dict:
 @pytest.mark.parametrize("fusion", ["mbt", "msift", "concat"])
 def test_few_steps_on_real_data_lower_the_loss(dm, vit_weights, fusion) -> None:
     torch.manual_seed(0)
-    task = FusionTask(data_info=dm.info(), net=net(vit_weights, fusion=fusion), lr=3e-3)
+    task = FusionTask(
+        data_info=dm.contract().to_dict(), net=net(vit_weights, fusion=fusion), lr=3e-3
+    )
     batch = first_batch(dm)
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
     task.train()
@@ -63,7 +66,7 @@ def test_few_steps_on_real_data_lower_the_loss(dm, vit_weights, fusion) -> None:
 
 def test_one_view_missing_still_gives_a_distribution(dm, vit_weights) -> None:
     torch.manual_seed(0)
-    task = FusionTask(data_info=dm.info(), net=net(vit_weights, fusion="mbt")).eval()
+    task = FusionTask(data_info=dm.contract().to_dict(), net=net(vit_weights, fusion="mbt")).eval()
     batch = next(iter(dm.val_dataloader()))
     no_series = {**batch, "has_series": torch.zeros_like(batch["has_series"])}
     no_image = {**batch, "has_image": torch.zeros_like(batch["has_image"])}
@@ -81,7 +84,7 @@ def test_one_view_missing_still_gives_a_distribution(dm, vit_weights) -> None:
 
 def test_modality_dropout_hides_exactly_one_view_from_the_fusion_only(dm, vit_weights) -> None:
     task = FusionTask(
-        data_info=dm.info(), net=net(vit_weights, experts=True), modality_dropout=1.0
+        data_info=dm.contract().to_dict(), net=net(vit_weights, experts=True), modality_dropout=1.0
     ).eval()
     batch = next(iter(dm.train_dataloader()))
     hidden = task._drop_modalities(batch)
@@ -98,10 +101,12 @@ def test_modality_dropout_hides_exactly_one_view_from_the_fusion_only(dm, vit_we
 
 
 def test_single_branch_variants_need_no_fusion(dm, vit_weights) -> None:
-    series_only = FusionTask(data_info=dm.info(), net={"image": False, "fusion": "none"})
+    series_only = FusionTask(
+        data_info=dm.contract().to_dict(), net={"image": False, "fusion": "none"}
+    )
     assert series_only.net.image_encoder is None and not series_only.caches_image_tokens
     with pytest.raises(ValueError, match="needs both branches"):
-        FusionTask(data_info=dm.info(), net={"image": False, "fusion": "mbt"})
+        FusionTask(data_info=dm.contract().to_dict(), net={"image": False, "fusion": "mbt"})
 
 
 def test_cli_fit_then_test_end_to_end(trained_run: TrainedRun, small_manifest: Path) -> None:
@@ -144,11 +149,11 @@ def test_cli_refuses_checkpoints_with_pickled_code(
 
 
 def test_computing_image_tokens_leaves_the_global_rng_alone(dm, vit_weights) -> None:
-    task = FusionTask(data_info=dm.info(), net=net(vit_weights))
+    task = FusionTask(data_info=dm.contract().to_dict(), net=net(vit_weights))
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    tokens = task._encode_all(dm)
+    tokens = encode_tiles(dm.dataset("all"), task.net.image_encoder.frozen_part)
     assert tokens.shape == (len(dm.dataset("all")), 1 + 2 * 2, 384)
     assert torch.equal(torch.rand(3), expected)
 
@@ -159,7 +164,6 @@ def _refit_argv(config: str, data: list[str], vit_weights: Path, tmp_path: Path)
     ``tmp_path/ckpt``, the token cache in ``tmp_path/cache``."""
     return [
         "fit", "--config", config, "--refit", "true", *data,
-        "--model.cache_dir", str(tmp_path / "cache"),
         "--model.net.vit_weights", str(vit_weights),
         "--model.net.token_grid", "2",
         "--trainer.max_epochs", "2",
@@ -201,7 +205,7 @@ def test_heads_are_weighed_on_held_out_places_and_the_refit_trains_on_all_but_th
     task = FusionTask.load_from_checkpoint(
         tmp_path / "ckpt" / "heldout" / "last.ckpt", weights_only=True, map_location="cpu"
     ).eval()
-    heads, labels = task.held_out_heads(dm)
+    heads, labels = task.held_out_heads(dm.val_dataloader())
     weights = torch.tensor(fit_view_weights(heads.unbind(dim=1), labels))
     assert (weights / weights.sum()).tolist() == pytest.approx(stage1["weights"], rel=1e-4)
     assert 1 / float(weights.sum()) == pytest.approx(stage1["temperature"], rel=1e-4)
@@ -237,7 +241,7 @@ def test_cross_fitted_weights_come_from_models_that_never_saw_the_rows_places(
         task = FusionTask.load_from_checkpoint(
             tmp_path / "ckpt" / "heldout" / path, weights_only=True, map_location="cpu"
         )
-        h, y = task.held_out_heads(dm)
+        h, y = task.held_out_heads(dm.val_dataloader())
         heads.append(h)
         labels.append(y)
     weights = torch.tensor(fit_view_weights(torch.cat(heads).unbind(dim=1), torch.cat(labels)))

@@ -100,7 +100,6 @@ def fusion(small_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path_
         "--data.image_size", str(IMAGE_SIZE),
         "--data.batch_size", "30",
         "--data.cache_dir", str(cache),
-        "--model.cache_dir", str(cache),
         "--model.net.vit_weights", str(vit_weights),
         "--model.net.token_grid", "2",
         "--model.net.series_dim", "32",
@@ -172,7 +171,7 @@ def test_ddp_two_processes_on_cpu(fusion: Runner, uninterrupted: Path, tmp_path:
     # fitting them again on every val row, in one process, gives them back.
     dm = build_cli(fusion.args, run=False).datamodule
     task = FusionTask.load_from_checkpoint(last, weights_only=True, map_location="cpu").eval()
-    heads, labels = task.held_out_heads(dm)
+    heads, labels = task.held_out_heads(dm.val_dataloader())
     assert len(labels) == 6 * 4
     fitted = torch.tensor(fit_view_weights(heads.unbind(dim=1), labels))
     assert 1 / float(fitted.sum()) == pytest.approx(temperature, rel=1e-4)

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
-from fusion.data.datasets import PairedDataset
+from fusion.data.contract import DataContract
+from fusion.data.datasets import PairedDataset, WithImageTokens
 from fusion.data.manifest import (
     LINE,
     ClassList,
@@ -30,10 +31,11 @@ from fusion.data.manifest import (
     load_manifest,
     resolve_image_root,
 )
-from fusion.data.samples import SeriesArrays, build_series_windows, scan_tiles
-from fusion.data.series import CALENDAR_FEATURES, SeriesTable
+from fusion.data.samples import SeriesArrays, build_series_windows, label_indices, scan_tiles
+from fusion.data.series import CALENDAR_FEATURES, KEY_COLUMN, TIME_COLUMN, SeriesTable
 from fusion.data.splits import group_folds, group_split, single_group_labels, stratified_split
 from fusion.data.tiles import BandStats
+from fusion.data.tokens import Encode, cached_image_tokens
 from fusion.errors import InputError, InputErrors
 
 SplitMode = Literal["manifest", "stratified", "place"]
@@ -114,8 +116,8 @@ class FusionDataModule(L.LightningDataModule):
         manifest: str,
         series: str | None = None,
         image_root: str | None = None,
-        key_column: str = "sensor_id",
-        time_column: str = "timestamp",
+        key_column: str = KEY_COLUMN,
+        time_column: str = TIME_COLUMN,
         value_columns: Sequence[str] = ("count",),
         timezone: str | None = None,
         log1p: bool = True,
@@ -171,6 +173,9 @@ class FusionDataModule(L.LightningDataModule):
         # Labels with a single place: no place-disjoint split can hold them out.
         self.single_place_labels: list[str] = []
         self._datasets: dict[str, PairedDataset] = {}
+        self.image_tokens: np.ndarray | None = None  # (N, 1 + G*G, D) float16, see use_image_tokens
+        self._tokens_key: list[Any] | None = None
+        self.token_seconds = 0.0  # spent computing (not loading) frozen image tokens
 
     # ------------------------------------------------------------------ preparation
     def setup(self, stage: str | None = None) -> None:
@@ -186,21 +191,10 @@ class FusionDataModule(L.LightningDataModule):
         checked.loc[bad, [self.key_column, "image"]] = ""
         labels = frame["label"] if "label" in frame.columns else pd.Series([""] * len(frame))
         classes = self.classes or self.fixed_classes or ClassList.from_labels(labels.tolist())
-        label_idx = np.full(len(frame), -1, dtype=np.int64)
-        for i, (label, line) in enumerate(zip(labels, frame[LINE], strict=True)):
-            if not label:
-                continue
-            if label not in classes:
-                errors.append(
-                    InputError(
-                        f"unknown label '{label}' (classes: {list(classes.names)})",
-                        file=self.manifest_path,
-                        line=int(line),
-                        field="label",
-                    )
-                )
-            else:
-                label_idx[i] = classes.index(label)
+        label_idx, label_errors = label_indices(
+            labels.tolist(), classes, file=self.manifest_path, lines=frame[LINE].tolist()
+        )
+        errors += label_errors
 
         splits = self._split(frame, labels.tolist())
         for i in np.flatnonzero((splits != "test") & (label_idx < 0) & (labels == "").to_numpy()):
@@ -242,6 +236,7 @@ class FusionDataModule(L.LightningDataModule):
         self.labels = label_idx
         self.series = series
         self.tile_infos = scan.infos
+        self.dtype = scan.dtype
         self.image_paths = paths
         for name in ("train", "val", "test", "all"):
             rows = np.flatnonzero(splits == name) if name != "all" else np.arange(len(frame))
@@ -384,9 +379,31 @@ class FusionDataModule(L.LightningDataModule):
         return pd.crosstab(pd.Series(names, name="label"), pd.Series(self.splits, name="split"))
 
     # ------------------------------------------------------------------ loaders
-    def dataset(self, split: str) -> PairedDataset:
+    def dataset(self, split: str) -> PairedDataset | WithImageTokens:
+        """The rows of ``split`` (``train``, ``val``, ``test`` or ``all``); with image tokens
+        attached (:meth:`use_image_tokens`) their tokens in place of the tiles."""
         self.setup()
-        return self._datasets[split]
+        dataset = self._datasets[split]
+        return dataset if self.image_tokens is None else WithImageTokens(dataset, self.image_tokens)
+
+    def use_image_tokens(self, encode: Encode, identity: Sequence[Any]) -> None:
+        """Serve a frozen image encoder's tokens (``image_tokens`` in every sample) instead of
+        decoded tiles: ``encode`` maps normalised tiles ``(B, C, S, S)`` to tokens, computed
+        once per tile and cached on disk under ``identity`` (the encoder's config and weights)
+        and the tiles' normalisation and files. Time spent computing adds to
+        ``token_seconds``."""
+        self.setup()
+        assert self.band_stats is not None
+        files = [None if p is None else file_fingerprint(p) for p in self.image_paths]
+        key = [*identity, [self.band_stats.to_dict(), self.bands, self.nodata], files]
+        if key == self._tokens_key:
+            return  # every validation epoch lands here: no re-encoding
+        self.image_tokens = None  # encode the tiles themselves
+        tokens, seconds = cached_image_tokens(
+            self.dataset("all"), encode, key, cache_dir=self.hparams.cache_dir
+        )
+        self.image_tokens, self._tokens_key = tokens, key
+        self.token_seconds += seconds
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
@@ -420,37 +437,35 @@ class FusionDataModule(L.LightningDataModule):
             )
         return self._loader("test", shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test rows (held-out places), for ``Trainer.predict``'s per-sample outputs."""
+        return self.test_dataloader()
+
     # ------------------------------------------------------------------ saved with the model
-    def info(self) -> dict[str, Any]:
-        """What a model needs to know about the data, in plain types (saved in checkpoints)."""
+    def contract(self) -> DataContract:
+        """What a model trained on this data expects of its inputs (saved in checkpoints)."""
         self.setup()
         assert self.classes is not None and self.band_stats is not None
-        return {
-            "classes": list(self.classes.names),
-            "class_weights": self.class_weights().tolist(),
-            "band_stats": self.band_stats.to_dict(),
-            "in_chans": len(self.band_stats),
-            "image_size": self.image_size,
-            "bands": self.bands,
-            "nodata": self.nodata,
-            "value_columns": list(self.value_columns),
-            "n_features": self.n_features,
-            "hours": self.hours,
-        }
-
-    def image_fingerprints(self) -> list[Any]:
-        """Identity of every row's tile (for caches of image features)."""
-        self.setup()
-        return [None if p is None else file_fingerprint(p) for p in self.image_paths]
-
-    def set_load_images(self, load: bool) -> None:
-        """Decode tiles in the loaders (False when the model has cached image tokens)."""
-        self.setup()
-        for dataset in self._datasets.values():
-            dataset.load_images = load
+        hp = self.hparams
+        return DataContract(
+            classes=self.classes.names,
+            band_stats=self.band_stats,
+            image_size=self.image_size,
+            bands=None if self.bands is None else tuple(self.bands),
+            nodata=self.nodata,
+            hours=self.hours,
+            value_columns=self.value_columns,
+            key_column=self.key_column,
+            time_column=hp.time_column,
+            timezone=hp.timezone,
+            log1p=hp.log1p,
+            min_present=hp.min_present,
+            dtype=self.dtype,
+            class_weights=tuple(self.class_weights().tolist()),
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return self.info()
+        return self.contract().to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the classes and band statistics of a checkpoint (Lightning calls this after

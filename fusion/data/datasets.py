@@ -1,11 +1,18 @@
-"""The paired dataset: one sample = a tile tensor + an activity window + a label.
+"""The datasets of the data layer.
 
-Series windows arrive pre-built (see :mod:`fusion.data.samples`); tiles are decoded on access so
-that DataLoader workers share the decoding work.
+- :class:`PairedDataset`: rows of a checked training manifest, series windows pre-built (see
+  :mod:`fusion.data.samples`), tiles decoded on access so that DataLoader workers share the work;
+- :class:`WithImageTokens`: a dataset's samples with a frozen image encoder's cached tokens in
+  place of the decoded tile (see :mod:`fusion.data.tokens`).
+
+The datasets of new places (a manifest to predict, regions of a raster) are in
+:mod:`fusion.data.prediction`; every one builds its samples with
+:func:`fusion.data.samples.make_sample`.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,19 +20,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fusion.data.samples import Sample, make_sample
 from fusion.data.tiles import BandStats, prepare_tile, read_tile
-
-Sample = dict[str, torch.Tensor]
 
 
 class PairedDataset(Dataset[Sample]):
-    """Samples of ``rows`` of a manifest.
+    """Samples of ``rows`` of a manifest (see :func:`~fusion.data.samples.make_sample`).
 
-    Each sample is a dict: ``image (C, S, S)`` float32 normalised, ``series (T, F)`` float32,
-    ``series_mask (T,)`` bool, ``has_image``/``has_series`` bool scalars (False = that view is
-    missing: its tensor is all zeros and must not be read as data), ``label`` int64 (-1 if
-    unlabelled) and ``index`` (the row in the manifest). With ``load_images`` False the image is
-    an empty tensor: tiles are not decoded when a frozen image encoder's tokens are cached.
+    With ``load_images`` False the image is an empty tensor: the tiles are not decoded (their
+    tokens are read from a cache instead, :class:`WithImageTokens`).
     """
 
     def __init__(
@@ -54,6 +57,12 @@ class PairedDataset(Dataset[Sample]):
         self.nodata = nodata
         self.load_images = True
 
+    def without_images(self) -> PairedDataset:
+        """The same samples with empty images (the tiles are not decoded)."""
+        out = copy.copy(self)
+        out.load_images = False
+        return out
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -61,18 +70,35 @@ class PairedDataset(Dataset[Sample]):
         row = self.rows[item]
         path = self.images[row]
         if not self.load_images:
-            image = torch.empty(0)  # the model has this tile's tokens cached
+            image = torch.empty(0)
         elif path is None:
             image = torch.zeros(len(self.stats), self.image_size, self.image_size)
         else:
             tile = read_tile(path, bands=self.bands, nodata=self.nodata)
             image = prepare_tile(tile, size=self.image_size, stats=self.stats)
-        return {
-            "image": image,
-            "series": torch.from_numpy(self.series[row]),
-            "series_mask": torch.from_numpy(self.series_mask[row]),
-            "has_image": torch.tensor(path is not None),
-            "has_series": torch.tensor(bool(self.has_series[row])),
-            "label": torch.tensor(int(self.labels[row]), dtype=torch.long),
-            "index": torch.tensor(row, dtype=torch.long),
-        }
+        return make_sample(
+            row,
+            image=image,
+            series=self.series[row],
+            series_mask=self.series_mask[row],
+            has_image=path is not None,
+            has_series=bool(self.has_series[row]),
+            label=int(self.labels[row]),
+        )
+
+
+class WithImageTokens(Dataset[Sample]):
+    """``base``'s samples (images not decoded) with ``image_tokens (1 + G*G, D)`` float32: row
+    ``index`` of ``tokens (N, 1 + G*G, D)`` float16, a frozen image encoder's cached output."""
+
+    def __init__(self, base: PairedDataset, tokens: np.ndarray) -> None:
+        self.base = base.without_images()
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: int) -> Sample:
+        sample = self.base[item]
+        sample["image_tokens"] = torch.from_numpy(self.tokens[int(sample["index"])]).float()
+        return sample

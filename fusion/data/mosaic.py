@@ -123,6 +123,7 @@ class RegionRaster:
             raise InputError("file not found", file=self.raster_path)
         with open_raster(self.raster_path) as src:
             self._indexes = band_indexes(bands, src.count, file=self.raster_path)
+            self.dtype = str(src.dtypes[self._indexes[0] - 1])  # pixel type of the bands read
             self._transform = src.transform
             self._shape = (src.height, src.width)
             raster_crs = src.crs

@@ -1,12 +1,19 @@
-"""Turn a checked manifest into model-ready arrays, collecting every input problem on the way.
+"""Turn checked inputs into model-ready samples: one reader for training and for prediction.
 
-Two passes, both reporting all problems at once rather than stopping at the first:
+Every problem is reported at once rather than stopping at the first, under one of two policies
+(:data:`Policy`): ``raise`` (training: every problem of every row is listed and nothing runs) or
+``flag`` (prediction on new places: a window or tile that cannot be used leaves that view
+missing, with a note, and the sample goes on).
 
-- :func:`build_series_windows`: each row's activity window as ``(T, F)`` features + ``(T,)`` mask;
-  unknown keys, windows outside the series, too few present hours (none at all, whatever
-  ``min_present``) and naive starts are errors.
+- :func:`window_starts`: each row's window start, checked against the window length;
+- :class:`WindowReader`: a row's activity window as ``(T, F)`` features + ``(T,)`` mask; unknown
+  keys, windows outside the series, too few present hours (none at all, whatever
+  ``min_present``) are problems; :func:`build_series_windows` reads every row's;
 - :func:`scan_tiles`: every tile decoded once; missing/unreadable files, all-nodata tiles and wrong
-  band counts are errors; per-band statistics accumulate over the training rows only.
+  band counts (:func:`check_bands`) are errors; per-band statistics and the pixel type accumulate
+  over the training rows only;
+- :func:`label_indices`: labels as class indices, unknown ones errors;
+- :func:`make_sample`: the one sample dict every dataset returns.
 """
 
 from __future__ import annotations
@@ -15,15 +22,48 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from rich.progress import track
 
-from fusion.data.manifest import LINE
+from fusion.data.manifest import LINE, ClassList
 from fusion.data.series import SeriesTable, encode_window, parse_start
 from fusion.data.tiles import BandStats, Tile, TileInfo, read_tile, tile_info
 from fusion.errors import InputError
+
+Policy = Literal["raise", "flag"]
+Sample = dict[str, torch.Tensor]
+
+
+def make_sample(
+    index: int,
+    *,
+    image: torch.Tensor,
+    series: np.ndarray,
+    series_mask: np.ndarray,
+    has_image: bool,
+    has_series: bool,
+    label: int = -1,
+    **extra: torch.Tensor | str,
+) -> Sample:
+    """One sample: ``image (C, S, S)`` (empty when the model reads cached tokens), ``series (T,
+    F)``, ``series_mask (T,)``, ``has_image``/``has_series`` (False = that view is missing: its
+    tensor is all zeros and must not be read as data), ``label`` (-1 unlabelled) and ``index``
+    (the row of its table); ``extra`` entries (e.g. a prediction's ``valid_share`` and ``note``)
+    are added as given."""
+    return {
+        "image": image,
+        "series": torch.from_numpy(series),
+        "series_mask": torch.from_numpy(series_mask),
+        "has_image": torch.tensor(has_image),
+        "has_series": torch.tensor(has_series),
+        "label": torch.tensor(label, dtype=torch.long),
+        "index": torch.tensor(index, dtype=torch.long),
+        **extra,
+    }
 
 
 @dataclass
@@ -41,6 +81,86 @@ class SeriesArrays:
         return {"features": self.features, "mask": self.mask, "present": self.present}
 
 
+def window_starts(
+    frame: pd.DataFrame,
+    *,
+    manifest_path: Path,
+    key_column: str,
+    hours: int,
+    timezone: str | None,
+    why: str,
+) -> tuple[list[pd.Timestamp | None], list[InputError]]:
+    """The window start of every row with a series key (None without one), and the rows whose
+    length is not ``hours`` (``why`` says why it must be) or whose start does not parse."""
+    starts: list[pd.Timestamp | None] = []
+    errors: list[InputError] = []
+    for row in frame.to_dict("records"):
+        start = None
+        if row[key_column] and row["hours"] != hours:
+            message = f"window of {row['hours']} hours; {why}"
+            errors.append(InputError(message, file=manifest_path, line=row[LINE], field="hours"))
+        elif row[key_column]:
+            try:
+                start = parse_start(row["start"], timezone=timezone)
+            except InputError as err:
+                errors.append(err.within(manifest_path, line=row[LINE], field="start"))
+        starts.append(start)
+    return starts, errors
+
+
+@dataclass
+class WindowReader:
+    """Activity windows of ``hours`` hours from ``table``, encoded for the model.
+
+    A key without a table or start is no series (not a problem). A key missing from the table, a
+    window outside its span, one without any count or with less than ``min_present`` of its hours
+    present is a problem: under ``policy="raise"`` an :class:`InputError` (its ``field`` says
+    which column is at fault), under ``"flag"`` the window is absent with the problem as note.
+    """
+
+    table: SeriesTable | None
+    hours: int
+    n_features: int
+    key_column: str
+    min_present: float
+    log1p: bool
+    policy: Policy = "raise"
+
+    def read(self, key: str, start: pd.Timestamp | None) -> tuple[np.ndarray, np.ndarray, str]:
+        """Features ``(T, F)`` float32, mask ``(T,)`` bool and a note ("" when the window is
+        used)."""
+        try:
+            return (*self._read(key, start), "")
+        except InputError as err:
+            if self.policy == "raise":
+                raise
+            return *self._absent(), err.message
+
+    def _absent(self) -> tuple[np.ndarray, np.ndarray]:
+        features = np.zeros((self.hours, self.n_features), dtype=np.float32)
+        return features, np.zeros(self.hours, dtype=bool)
+
+    def _read(self, key: str, start: pd.Timestamp | None) -> tuple[np.ndarray, np.ndarray]:
+        if not key or self.table is None or start is None:
+            raise InputError("no series")
+        try:
+            window = self.table.window(key, start, self.hours)
+        except InputError as err:
+            raise InputError(err.message, field=self.key_column) from None
+        if not window.present.any():
+            # Even with min_present=0: an all-absent window is no series, not a series of zeros.
+            raise InputError(
+                "no hour of the window has a count (the series has a gap there)", field="start"
+            )
+        if window.present_share < self.min_present:
+            raise InputError(
+                f"only {window.present_share:.0%} of the window's hours have a count "
+                f"(at least {self.min_present:.0%} required; see min_present)",
+                field="start",
+            )
+        return encode_window(window, log1p=self.log1p)
+
+
 def build_series_windows(
     frame: pd.DataFrame,
     table: SeriesTable,
@@ -51,81 +171,96 @@ def build_series_windows(
     min_present: float,
     log1p: bool,
 ) -> tuple[SeriesArrays, list[InputError]]:
-    """Build each row's window; rows with an empty key get an all-absent window.
+    """Every row's window (policy ``raise``); rows with an empty key get an all-absent window.
 
     All rows with a key must share one window length ``T`` (the model's input length); rows that
     differ from the most common length are errors.
     """
-    errors: list[InputError] = []
-    keyed = frame[frame[key_column] != ""]
-    lengths = Counter(keyed["hours"].tolist())
+    lengths = Counter(frame.loc[frame[key_column] != "", "hours"].tolist())
     hours = lengths.most_common(1)[0][0] if lengths else 0
-    n_features = len(table.value_columns) + 4
-    features = np.zeros((len(frame), hours, n_features), dtype=np.float32)
+    starts, errors = window_starts(
+        frame, manifest_path=manifest_path, key_column=key_column, hours=hours,
+        timezone=timezone, why=f"all rows must share one length (most rows have {hours})",
+    )  # fmt: skip
+    reader = WindowReader(
+        table, hours, len(table.value_columns) + 4, key_column, min_present, log1p
+    )
+    features = np.zeros((len(frame), hours, reader.n_features), dtype=np.float32)
     mask = np.zeros((len(frame), hours), dtype=bool)
     present = np.zeros(len(frame), dtype=bool)
-    for i, row_d in enumerate(
-        track(frame.to_dict("records"), total=len(frame), description="series windows")
-    ):
-        key, line = row_d[key_column], row_d[LINE]
-
-        if not key:
-            continue
-        if row_d["hours"] != hours:
-            errors.append(
-                InputError(
-                    f"window of {row_d['hours']} hours; all rows must share one length "
-                    f"(most rows have {hours})",
-                    file=manifest_path,
-                    line=line,
-                    field="hours",
-                )
-            )
+    keys, lines = frame[key_column].tolist(), frame[LINE].tolist()
+    for i in track(range(len(frame)), description="series windows"):
+        if starts[i] is None:
             continue
         try:
-            start = parse_start(row_d["start"], timezone=timezone)
+            features[i], mask[i], _ = reader.read(keys[i], starts[i])
         except InputError as err:
-            errors.append(err.within(manifest_path, line=line, field="start"))
-            continue
-        try:
-            window = table.window(key, start, hours)
-        except InputError as err:
-            errors.append(err.within(manifest_path, line=line, field=key_column))
-            continue
-        if not window.present.any():
-            # Even with min_present=0: an all-absent window is no series, not a series of zeros.
             errors.append(
-                InputError(
-                    "no hour of the window has a count (the series has a gap there)",
-                    file=manifest_path,
-                    line=line,
-                    field="start",
-                )
+                InputError(err.message, file=manifest_path, line=lines[i], field=err.field)
             )
             continue
-        if window.present_share < min_present:
-            errors.append(
-                InputError(
-                    f"only {window.present_share:.0%} of the window's hours have a count "
-                    f"(at least {min_present:.0%} required; see min_present)",
-                    file=manifest_path,
-                    line=line,
-                    field="start",
-                )
-            )
-            continue
-        features[i], mask[i] = encode_window(window, log1p=log1p)
         present[i] = True
     return SeriesArrays(features, mask, present), errors
 
 
+def label_indices(
+    labels: Sequence[str], classes: ClassList, *, file: Path, lines: Sequence[int]
+) -> tuple[np.ndarray, list[InputError]]:
+    """Class index of each label (-1 where empty) and an error for each unknown label."""
+    indices = np.full(len(labels), -1, dtype=np.int64)
+    errors: list[InputError] = []
+    for i, (label, line) in enumerate(zip(labels, lines, strict=True)):
+        if label in classes:
+            indices[i] = classes.index(label)
+        elif label:
+            message = f"unknown label '{label}' (classes: {list(classes.names)})"
+            errors.append(InputError(message, file=file, line=int(line), field="label"))
+    return indices, errors
+
+
+def check_bands(
+    what: str,
+    count: int,
+    expected: int,
+    bands: Sequence[int] | None,
+    file: Path,
+    **where: int | str,
+) -> InputError | None:
+    """An error unless ``what`` (a tile, a raster) with ``count`` bands after the ``bands``
+    selection has the ``expected`` count."""
+    if count == expected:
+        return None
+    chosen = "" if bands is None else f" (bands {list(bands)})"
+    return InputError(
+        f"{what} has {count} bands{chosen}, expected {expected}: select bands with --bands",
+        file=file,
+        **where,  # type: ignore[arg-type]
+    )
+
+
+def check_dtype(
+    dtype: str, expected: str | None, file: Path, **where: int | str
+) -> InputError | None:
+    """An error unless tiles of pixel type ``dtype`` are on the training tiles' scale
+    (``expected``; None: not recorded, any type)."""
+    if expected is None or dtype == expected:
+        return None
+    return InputError(
+        f"pixels are {dtype}, the model was trained on {expected} tiles: the values are on "
+        f"another scale; convert the tiles to {expected} with the training tiles' range",
+        file=file,
+        **where,  # type: ignore[arg-type]
+    )
+
+
 @dataclass
 class TileScan:
-    """What a pass over the tiles found: per-row header info and training band statistics."""
+    """What a pass over the tiles found: per-row header info, the training tiles' band
+    statistics and their (most common) pixel type."""
 
     infos: list[TileInfo | None]
     stats: BandStats | None
-    n_bands: int | None
+    dtype: str | None
 
 
 def scan_tiles(
@@ -161,15 +296,14 @@ def scan_tiles(
     counts = Counter(selected(i) for i in infos if i is not None)
     n_bands = expected_bands or (counts.most_common(1)[0][0] if counts else None)
     for i, info in enumerate(infos):
-        if info is not None and selected(info) != n_bands:
-            errors.append(
-                InputError(
-                    f"tile {paths[i]} has {selected(info)} bands, expected {n_bands}",
-                    file=manifest_path,
-                    line=lines[i],
-                    field="image",
-                )
-            )
+        if info is None or n_bands is None:
+            continue
+        found = check_bands(
+            f"tile {paths[i]}", selected(info), n_bands, bands, manifest_path,
+            line=lines[i], field="image",
+        )  # fmt: skip
+        if found:
+            errors.append(found)
             infos[i] = None
 
     def decoded() -> Iterator[Tile]:
@@ -185,4 +319,6 @@ def scan_tiles(
                 yield tile
 
     stats = BandStats.accumulate(decoded())
-    return TileScan(infos=infos, stats=stats if n_bands else None, n_bands=n_bands), errors
+    dtypes = Counter(info.dtype for info, t in zip(infos, train, strict=True) if info and t)
+    dtype = dtypes.most_common(1)[0][0] if dtypes else None
+    return TileScan(infos=infos, stats=stats if n_bands else None, dtype=dtype), errors

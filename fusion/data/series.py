@@ -36,6 +36,8 @@ import pyarrow.parquet as pq
 from fusion.errors import InputError, header_hint
 
 CALENDAR_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
+KEY_COLUMN = "sensor_id"  # default column naming each series (activity table and manifest)
+TIME_COLUMN = "timestamp"  # default time column of the activity table
 
 _US_PER_MINUTE = 60_000_000
 _US_PER_HOUR = 60 * _US_PER_MINUTE
@@ -154,8 +156,8 @@ class SeriesTable:
         cls,
         path: str | PathLike[str],
         *,
-        key_column: str = "sensor_id",
-        time_column: str = "timestamp",
+        key_column: str = KEY_COLUMN,
+        time_column: str = TIME_COLUMN,
         value_columns: tuple[str, ...] = ("count",),
         timezone: str | None = None,
         chunk_rows: int = CHUNK_ROWS,

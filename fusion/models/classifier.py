@@ -186,9 +186,16 @@ class FusionClassifier(nn.Module):
         return [m for m in (self.series_encoder, self.series_expert) if m is not None]
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """``(B, C, S, S)`` → image tokens ``(B, 1 + G*G, D)`` (CLS first)."""
-        assert self.image_encoder is not None
-        return self.image_encoder(images)[0]
+        """``(B, C, S, S)`` → image tokens ``(B, 1 + G*G, D)`` (CLS first).
+
+        A frozen part's tokens are rounded to float16, as they are when cached per tile, so a
+        model gives the same outputs whether they come from a cache (fit, test) or are computed
+        on the spot (predict)."""
+        encoder = self.image_encoder
+        assert encoder is not None
+        if not encoder.cacheable:
+            return encoder(images)[0]
+        return encoder.trainable_part(encoder.frozen_part(images).half().float())
 
     def forward(
         self,

@@ -138,7 +138,10 @@ def test_a_cross_validation_fold_holds_out_whole_places(shared_data: Path, cache
     assert "park" not in set(dm.frame["label"][dm.splits == "test"])
     assert len(dm.dataset("test")) == (dm.splits == "test").sum()
     # Fixed band statistics are used as given (not computed on the training rows).
-    assert dm.info()["band_stats"] == {"mean": [120.0, 120.0, 110.0], "std": [60.0, 55.0, 55.0]}
+    assert dm.contract().to_dict()["band_stats"] == {
+        "mean": [120.0, 120.0, 110.0],
+        "std": [60.0, 55.0, 55.0],
+    }
 
 
 def test_inner_folds_make_every_training_place_val_once(shared_data: Path, cache_dir: Path) -> None:
