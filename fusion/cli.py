@@ -232,7 +232,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from fusion.data.datamodule import FusionDataModule
-    from fusion.data.inspect import inspect
+    from fusion.data.overview import inspect
 
     dm = FusionDataModule(
         manifest=args.manifest,

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import geopandas
 import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -21,10 +19,9 @@ from matplotlib.patches import Patch
 from matplotlib.path import Path as MplPath
 from rasterio.io import DatasetReader
 
-from fusion.data.inspect import display_rgb
 from fusion.data.tiles import band_indexes, open_raster, read_bands
 from fusion.errors import InputError
-from fusion.plots import save_figure
+from fusion.plots import display_rgb, save_figure
 
 FILL_ALPHA = 0.45
 SKIPPED_LABEL = "skipped (no data)"

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -121,7 +118,7 @@ def plot_confusion(
     classes: Sequence[str],
     path: str | os.PathLike[str],
     title: str = "",
-) -> Path:
+) -> None:
     """Write a confusion matrix as a PNG."""
     size = 1.2 + 0.75 * len(classes)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
@@ -130,4 +127,4 @@ def plot_confusion(
     ax.set_ylabel("true")
     fig.colorbar(image, ax=ax, label="share of true class")
     fig.tight_layout()
-    return save_figure(fig, path)
+    save_figure(fig, path)

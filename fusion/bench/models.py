@@ -19,10 +19,8 @@ timm floor is trained the same way: its backbone is frozen (and kept in eval mod
 
 Throughput is samples/s from the median over ``repeats`` timed calls, after ``warmup`` untimed
 ones; the rows are interleaved call by call (round-robin), so a burst of load from another process
-slows every row alike instead of one. FLOPs per sample come from
-:class:`torch.utils.flop_counter.FlopCounterMode` on a one-sample inference forward, plus the LSTM
-matrix products, which it does not see inside the fused LSTM kernels
-(``2 * 4H * (in + H)`` per step, layer and direction).
+slows every row alike instead of one. FLOPs per sample are counted on a one-sample inference
+forward (:func:`fusion.bench.timing.count_flops`, LSTM matrix products included).
 
 Peak memory is measured for each row in a fresh child process that builds the model (random
 weights: their values do not change the memory) and runs one training step, whose peak bounds that
@@ -33,14 +31,13 @@ included and the number is approximate. The children are forked from a fork serv
 there is none), so a script calling :func:`run_bench` needs the usual
 ``if __name__ == "__main__":`` guard.
 
-Models are built on the meta device and materialised (:func:`build_model`), the pretrained
-backbone copied in from one load of the weights file: the same weights as the usual construction,
-without timm's slow random initialisation of a backbone about to be overwritten.
+The variants, their settings and the batch are those of :mod:`fusion.bench.build`; the timing
+and FLOP counting are :mod:`fusion.bench.timing`'s; :func:`run_bench` adds the scaling curves of
+:mod:`fusion.bench.scaling`.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import math
@@ -51,275 +48,47 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pandas as pd
 import timm
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-from fusion.data.series import CALENDAR_FEATURES
+from fusion.bench.build import (
+    TARGET_RATIO,
+    TIMM_VIT,
+    Batch,
+    BenchSettings,
+    build_model,
+    forward_fn,
+    make_batch,
+    quick_settings,
+    variants,
+)
+from fusion.bench.scaling import run_scaling
+from fusion.bench.timing import count_flops, spread, sync, time_calls, torch_threads
 from fusion.io import atomic_path
-from fusion.models.classifier import FusionClassifier
 
 log = logging.getLogger(__name__)
-K = TypeVar("K")
 
-VIT_NAME = "vit_small_patch14_dinov2"
-TIMM_VIT = "timm_vit"  # the bare timm backbone: the floor of every ratio
-NUM_CLASSES = 8
-N_COUNTS = 1
-N_FEATURES = N_COUNTS + len(CALENDAR_FEATURES)  # one count channel + the calendar features
-TARGET_RATIO = 0.85  # fusion inference throughput over the bare ViT's
-SERIES_ENCODERS = ("bilstm", "trans_blstm")
 COLUMNS = (
     "variant", "series_encoder", "fusion", "infer_sps", "train_sps", "infer_ratio",
     "train_ratio", "peak_mib", "params_m", "trainable_m", "gflops_per_sample", "meets_target",
 )  # fmt: skip
-
-# The configs' shared network settings (configs/*.yaml) and each fusion variant's own.
-_SHARED: dict[str, Any] = {
-    "num_classes": NUM_CLASSES, "n_features": N_FEATURES, "n_counts": N_COUNTS,
-    "vit_name": VIT_NAME, "freeze": "all", "token_grid": 4,
-}  # fmt: skip
-_FUSIONS: dict[str, dict[str, Any]] = {
-    "concat": {"fusion": "concat"},
-    "msift": {"fusion": "msift", "fusion_depth": 2},
-    "mbt_early": {"fusion": "mbt", "fusion_layer": "early", "fusion_depth": 4},
-    "mbt_mid": {"fusion": "mbt", "fusion_layer": "mid", "fusion_depth": 4},
-    "mbt_late": {"fusion": "mbt", "fusion_layer": "late", "fusion_depth": 4},
-}
-
-
-def default_weights() -> str | None:
-    """The shared DINOv2 ViT-S/14 weights file (``$FUSION_SHARED`` or ``../shared`` beside the
-    checkout), or ``None`` (random init) when it is not there. Nothing is downloaded."""
-    shared = Path(os.environ.get("FUSION_SHARED", Path(__file__).resolve().parents[3] / "shared"))
-    path = shared / "weights" / "dinov2_vits14_imgfocus.safetensors"
-    return str(path) if path.is_file() else None
-
-
-@dataclass
-class BenchSettings:
-    """What every measurement shares.
-
-    Attributes:
-        batch_size: samples per timed call.
-        image_size: tile side in pixels (a multiple of the ViT's 14-pixel patch).
-        hours: series length (a multiple of the 24-hour patch).
-        repeats: timed calls per row; the median is reported.
-        warmup: untimed calls per row before the timed ones.
-        weights: ViT weights file, or ``None`` for random init (the cost is the same).
-        device: ``cpu`` or a CUDA device.
-        curve_repeats: timed calls per point of the scaling curves (after one untimed call).
-        memory: measure peak memory (one child process per row); ``False`` leaves it NaN.
-        threads: torch intra-op threads while measuring; ``None`` keeps torch's setting (one
-            per core). One by default: the ratios, not the absolute speed, are the point, and on
-            a machine shared with other busy processes more threads wait on each other at every
-            operator, which made calls several times slower and the ratios noise.
-    """
-
-    batch_size: int = 8
-    image_size: int = 224
-    hours: int = 672
-    repeats: int = 5
-    warmup: int = 2
-    weights: str | None = field(default_factory=default_weights)
-    device: str = "cpu"
-    curve_repeats: int = 3
-    memory: bool = True
-    threads: int | None = 1
-
-
-def quick_settings(settings: BenchSettings) -> BenchSettings:
-    """Tiny settings for tests: batch 2, 56 px tiles, one week, two warm-up calls (the first
-    calls of an LSTM are slow), one timed call, one thread (tiny operators gain nothing from more).
-    """
-    return replace(
-        settings, batch_size=2, image_size=56, hours=168, repeats=1, warmup=2, curve_repeats=1,
-        threads=1,
-    )  # fmt: skip
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch intra-op threads (``None``: unchanged), then restore them."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def variants() -> dict[str, dict[str, Any]]:
-    """Variant name → :class:`FusionClassifier` keyword arguments (all but ``vit_weights`` and
-    ``img_size``, which come from :class:`BenchSettings`).
-
-    ``vit`` (image only), ``bilstm`` (series only), then each fusion variant with the BiLSTM
-    (``mbt_mid``) and with TRANS-BLSTM variant 1 (``mbt_mid+trans_blstm``). The bare timm ViT,
-    :data:`TIMM_VIT`, is not a :class:`FusionClassifier` and is not listed here.
-    """
-    out: dict[str, dict[str, Any]] = {
-        "vit": {**_SHARED, "series": False, "fusion": "none"},
-        "bilstm": {**_SHARED, "image": False, "fusion": "none", "series_encoder": "bilstm"},
-    }
-    for name, kwargs in _FUSIONS.items():
-        out[name] = {**_SHARED, **kwargs, "series_encoder": "bilstm"}
-        out[f"{name}+trans_blstm"] = {
-            **_SHARED, **kwargs, "series_encoder": "trans_blstm", "trans_blstm_variant": 1,
-        }  # fmt: skip
-    return out
-
-
-def timm_floor(image_size: int) -> nn.Module:
-    """The bare timm ViT with an 8-class head, unloaded (see :func:`build_model`); backbone frozen,
-    only ``head`` trainable."""
-    model = timm.create_model(
-        VIT_NAME, pretrained=False, num_classes=NUM_CLASSES, img_size=image_size
-    )
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith("head."))
-    return model.eval()
-
-
-@functools.lru_cache(maxsize=2)
-def backbone_state(weights: str, image_size: int) -> dict[str, Tensor]:
-    """The pretrained backbone's tensors at ``image_size``, loaded once per process by timm itself
-    (which resamples the position grid), as :class:`~fusion.models.vit.ViTEncoder` loads them."""
-    model = timm.create_model(
-        VIT_NAME,
-        pretrained=True,
-        num_classes=0,
-        img_size=image_size,
-        pretrained_cfg_overlay={"file": str(weights)},
-    )
-    return model.state_dict()
-
-
-def materialise(module: nn.Module, device: str | torch.device) -> nn.Module:
-    """Allocate a meta-device ``module`` on ``device`` and initialise it: every parameter from
-    N(0, 0.02) (the classifier's own init of its learned tokens), then each submodule's
-    ``reset_parameters`` (PyTorch's defaults for linear, norm and LSTM layers)."""
-    module = module.to_empty(device=device)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.normal_(0.0, 0.02)
-        for buffer in module.buffers():
-            buffer.zero_()
-        for sub in module.modules():
-            if callable(getattr(sub, "reset_parameters", None)):
-                sub.reset_parameters()
-    return module
-
-
-def build_model(name: str, settings: BenchSettings) -> nn.Module:
-    """The model of variant ``name`` (:data:`TIMM_VIT` or a key of :func:`variants`), on the
-    settings' device.
-
-    Built on the meta device, :func:`materialise`-d, and the pretrained backbone
-    (:func:`backbone_state`, when ``settings.weights``) copied in: the weights of the usual
-    construction without timm's slow initialisation of a backbone about to be overwritten, nor a
-    read of the weights file per model.
-    """
-    with torch.device("meta"):
-        if name == TIMM_VIT:
-            model = timm_floor(settings.image_size)
-        else:
-            kwargs = variants()[name]
-            model = FusionClassifier(**kwargs, vit_weights=None, img_size=settings.image_size)
-    model = materialise(model, settings.device)
-    if name == TIMM_VIT:
-        backbone = model
-    else:
-        backbone = model.image_encoder.backbone if model.image_encoder else None
-    if backbone is not None and settings.weights:
-        state = backbone_state(settings.weights, settings.image_size)
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        if unexpected or any(not key.startswith("head.") for key in missing):
-            raise RuntimeError(f"backbone weights do not fit {name}: {missing=} {unexpected=}")
-    return model
-
-
-# ---------------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Batch:
-    """One synthetic batch of the benchmark's shapes (values realistic enough, content irrelevant).
-
-    Attributes:
-        image: ``(B, 3, S, S)``.
-        series: ``(B, T, F)``: log1p counts then hour/weekday sin/cos, 0 at absent hours.
-        series_mask: ``(B, T)`` bool, True = hour present (about 95 %).
-        present: ``(B,)`` bool, both views present.
-        labels: ``(B,)`` class indexes.
-    """
-
-    image: Tensor
-    series: Tensor
-    series_mask: Tensor
-    present: Tensor
-    labels: Tensor
-
-    def head(self, n: int) -> Batch:
-        """The first ``n`` samples."""
-        return Batch(*(getattr(self, f.name)[:n] for f in fields(self)))
-
-
-def make_batch(
-    batch_size: int, image_size: int, hours: int, device: str = "cpu", seed: int = 0
-) -> Batch:
-    """A seeded synthetic :class:`Batch` of ``batch_size`` samples on ``device``."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.randn(batch_size, 3, image_size, image_size, generator=g)
-    rate = torch.full((batch_size, hours, N_COUNTS), 50.0)
-    counts = torch.log1p(torch.poisson(rate, generator=g))
-    hour = torch.arange(hours, dtype=torch.float32)
-    day, week = 2 * math.pi * hour / 24, 2 * math.pi * hour / (24 * 7)
-    calendar = torch.stack([day.sin(), day.cos(), week.sin(), week.cos()], dim=-1)
-    mask = torch.rand(batch_size, hours, generator=g) > 0.05
-    series = torch.cat([counts, calendar.expand(batch_size, -1, -1)], dim=-1)
-    series = series * mask.unsqueeze(-1)
-    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g)
-    present = torch.ones(batch_size, dtype=torch.bool)
-    return Batch(*(t.to(device) for t in (image, series, mask, present, labels)))
-
-
-def forward_fn(
-    model: nn.Module, batch: Batch, image_tokens: Tensor | None = None
-) -> Callable[[], Tensor]:
-    """A call running ``model`` on ``batch`` (only the inputs its branches use) → logits
-    ``(B, K)``; with ``image_tokens (B, N, D)`` a fusion model skips its ViT."""
-    if not isinstance(model, FusionClassifier):
-        return lambda: model(batch.image)
-    kwargs: dict[str, Tensor] = {}
-    if model.image_encoder is not None and image_tokens is not None:
-        kwargs["image_tokens"] = image_tokens
-    elif model.image_encoder is not None:
-        kwargs["image"] = batch.image
-    if model.series_encoder is not None:
-        kwargs["series"], kwargs["series_mask"] = batch.series, batch.series_mask
-    if model.image_encoder is not None and model.series_encoder is not None:
-        kwargs["has_image"] = kwargs["has_series"] = batch.present
-    return lambda: model(**kwargs)
 
 
 @dataclass
 class Case:
     """A model ready to be timed on one batch: :meth:`infer` and :meth:`train_step`."""
 
-    name: str
     model: nn.Module
     forward: Callable[[], Tensor]
     labels: Tensor
@@ -345,7 +114,6 @@ def make_case(name: str, settings: BenchSettings, batch: Batch) -> Case:
     model = build_model(name, settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Case(
-        name,
         model,
         forward_fn(model, batch),
         batch.labels,
@@ -355,90 +123,6 @@ def make_case(name: str, settings: BenchSettings, batch: Batch) -> Case:
 
 
 # ---------------------------------------------------------------------------------- measuring
-
-
-def _sync(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(
-    calls: Mapping[K, Callable[[], object]], repeats: int, warmup: int, device: str = "cpu"
-) -> dict[K, list[float]]:
-    """Wall-clock seconds of ``repeats`` timed runs of each call, after ``warmup`` untimed ones;
-    the calls are interleaved round by round."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[K, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            _sync(device)
-            start = time.perf_counter()
-            call()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_times(
-    calls: Mapping[K, Callable[[], object]], repeats: int, warmup: int, device: str = "cpu"
-) -> dict[K, float]:
-    """Median of :func:`time_calls`' seconds for each call."""
-    times = time_calls(calls, repeats, warmup, device)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def spread(times: Mapping[Any, list[float]]) -> float:
-    """The largest ``(max - min) / median`` over the calls' timings: how much one call's timings
-    vary, so how large a difference between calls can be noise."""
-    return max((max(v) - min(v)) / statistics.median(v) for v in times.values())
-
-
-def lstm_flops(lstm: nn.LSTM, x: Tensor) -> int:
-    """Matrix-product FLOPs of ``lstm`` on input ``x`` (``(B, N, in)`` if batch-first): per step,
-    layer and direction ``2 * 4H * (in + H)`` (input and recurrent products; gates not counted)."""
-    batch, steps = (x.shape[0], x.shape[1]) if lstm.batch_first else (x.shape[1], x.shape[0])
-    hidden = lstm.hidden_size
-    out = lstm.proj_size or hidden
-    directions = 2 if lstm.bidirectional else 1
-    total = 0
-    for layer in range(lstm.num_layers):
-        width = lstm.input_size if layer == 0 else out * directions
-        total += directions * 2 * 4 * hidden * (width + out) * batch * steps
-    return total
-
-
-def count_flops(model: nn.Module, forward: Callable[[], object]) -> int:
-    """FLOPs of one call of ``forward`` (a forward of ``model``), without autograd.
-
-    :class:`FlopCounterMode` counts matrix products, convolutions and attention; LSTM products
-    are added with :func:`lstm_flops` for any ``nn.LSTM`` in which it counted nothing.
-    """
-    lstms = {name: m for name, m in model.named_modules() if isinstance(m, nn.LSTM)}
-    seen: dict[str, int] = {}
-    hooks = [
-        m.register_forward_hook(
-            lambda module, args, _out, name=name: seen.__setitem__(
-                name, seen.get(name, 0) + lstm_flops(module, args[0])
-            )
-        )
-        for name, m in lstms.items()
-    ]
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            forward()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    extra = sum(
-        flops for name, flops in seen.items() if not sum(counts.get(f"{root}.{name}", {}).values())
-    )
-    return int(counter.get_total_flops()) + extra
 
 
 def _max_rss_mib() -> float:
@@ -456,7 +140,7 @@ def _peak_memory_child(name: str, settings: BenchSettings, threads: int) -> floa
     # Weight values do not change the memory; random ones spare reading the weights file.
     case = make_case(name, replace(settings, weights=None), batch)
     case.train_step()
-    _sync(settings.device)
+    sync(settings.device)
     if torch.device(settings.device).type == "cuda":
         return torch.cuda.max_memory_allocated(settings.device) / 2**20
     return _max_rss_mib() - before
@@ -626,10 +310,10 @@ def _markdown_table(frame: pd.DataFrame) -> list[str]:
 
 def write_report(
     models_df: pd.DataFrame, output: Path, scaling: Mapping[str, pd.DataFrame] | None = None
-) -> Path:
+) -> None:
     """Write ``results.csv`` (the frame) and ``summary.md`` (settings, a markdown table of the
     ratios, which fusion variants meet the 0.85x inference target, the scaling figures) into
-    ``output``, each atomically; return the path of ``summary.md``."""
+    ``output``, each atomically."""
     output = Path(output)
     with atomic_path(output / "results.csv") as tmp:
         models_df.to_csv(tmp, index=False)
@@ -676,7 +360,6 @@ def write_report(
         lines += [f"- `scaling_{key}.png` (data: `scaling_{key}.csv`)" for key in scaling]
     with atomic_path(output / "summary.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    return output / "summary.md"
 
 
 def run_bench(output: Path, settings: BenchSettings, quick: bool = False) -> pd.DataFrame:
@@ -685,8 +368,6 @@ def run_bench(output: Path, settings: BenchSettings, quick: bool = False) -> pd.
     Writes ``results.csv``, ``summary.md``, ``scaling_*.png`` and ``scaling_*.csv``. ``quick``
     uses :func:`quick_settings` and short curves (for tests). Returns the variants' frame.
     """
-    from fusion.bench.scaling import run_scaling  # scaling builds on this module
-
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if quick:

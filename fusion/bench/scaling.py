@@ -29,28 +29,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from fusion.bench.models import (
+from fusion.bench.build import (
     SERIES_ENCODERS,
     TARGET_RATIO,
     TIMM_VIT,
     BenchSettings,
     build_model,
-    count_flops,
     forward_fn,
     make_batch,
     materialise,
-    median_times,
-    torch_threads,
     variants,
 )
+from fusion.bench.timing import count_flops, median_times, torch_threads
 from fusion.io import atomic_path
 from fusion.models.classifier import FusionClassifier
 from fusion.plots import save_figure

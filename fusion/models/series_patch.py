@@ -6,8 +6,7 @@ et al., 2021, "An Image is Worth 16x16 Words", arXiv:2010.11929) and series into
 PatchTST (Nie et al., 2023, "A Time Series is Worth 64 Words", arXiv:2211.14730). The hourly
 presence mask is fed in as one more input channel, so an absent hour (filled with 0) is not
 confused with a real count of 0. Positions use the fixed sinusoids of Vaswani et al. (2017,
-"Attention Is All You Need", arXiv:1706.03762). ``masked_mean`` (pooling over present patches)
-lives in :mod:`fusion.models.blocks` and is re-exported here.
+"Attention Is All You Need", arXiv:1706.03762).
 """
 
 from __future__ import annotations
@@ -17,10 +16,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-
-from fusion.models.blocks import masked_mean
-
-__all__ = ["SeriesEncoding", "SeriesPatchEmbed", "masked_mean", "sinusoidal_positions"]
 
 
 class SeriesEncoding(NamedTuple):

@@ -15,6 +15,7 @@ from PIL import Image, ImageFile
 from fusion.data.tiles import BandStats, Tile, prepare_tile, read_tile, tile_info
 from fusion.errors import InputError
 from tests.conftest import DATA
+from tests.data.real_inputs import REAL_JPEG, damage
 
 AID = DATA / "aid"
 RGBN = DATA / "geotiff" / "rgbn.tif"
@@ -323,3 +324,34 @@ def test_prepare_tile_band_mismatch_names_source() -> None:
     with pytest.raises(InputError, match="has 4 bands, the model expects 3") as exc:
         prepare_tile(read_tile(RGBN), size=32, stats=stats)
     assert exc.value.file == str(RGBN)
+
+
+@pytest.mark.parametrize("src", [REAL_JPEG, RGBN], ids=["jpeg", "geotiff"])
+@pytest.mark.parametrize("how", ["truncated", "garbage", "header"])
+def test_damaged_real_tiles_raise_naming_the_file(src: Path, how: str, tmp_path: Path) -> None:
+    path = damage(src, tmp_path / f"{how}{src.suffix}", how)
+    if how == "header":
+        with pytest.raises(InputError, match="cannot read image") as exc:
+            tile_info(path)
+        assert exc.value.file == str(path)
+    else:
+        # Only the header is read up front: the damage shows when the pixels are decoded.
+        assert tile_info(path) == tile_info(src)
+    with pytest.raises(InputError, match="cannot read image") as exc:
+        read_tile(path)
+    assert exc.value.file == str(path)
+    assert str(path) in str(exc.value)
+
+
+def test_damage_that_still_decodes_is_not_detectable(tmp_path: Path) -> None:
+    # Documented limitation: a JPEG has no checksum, so zeroed bytes inside its image data decode
+    # to wrong pixels without an error. A compressed GeoTIFF's blocks do not decompress: error.
+    jpeg = damage(REAL_JPEG, tmp_path / "zeroed.jpg", "zeroed")
+    tile = read_tile(jpeg)
+    original = read_tile(REAL_JPEG)
+    assert tile.data.shape == original.data.shape
+    assert not np.array_equal(tile.data, original.data)
+    tif = damage(RGBN, tmp_path / "zeroed.tif", "zeroed")
+    with pytest.raises(InputError, match="cannot read image") as exc:
+        read_tile(tif)
+    assert exc.value.file == str(tif)

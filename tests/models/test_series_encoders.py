@@ -10,12 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from fusion.models.bilstm import BiLSTMEncoder
-from fusion.models.series_patch import (
-    SeriesEncoding,
-    SeriesPatchEmbed,
-    masked_mean,
-    sinusoidal_positions,
-)
+from fusion.models.blocks import masked_mean
+from fusion.models.series_patch import SeriesEncoding, SeriesPatchEmbed, sinusoidal_positions
 from fusion.models.trans_blstm import TransBLSTMBlock, TransBLSTMEncoder
 
 DIM = 32

@@ -1,13 +1,11 @@
-"""``fusion data inspect``: what a manifest holds, as tables and a PNG gallery."""
+"""An overview of a manifest's data (``fusion data inspect``): rows per label and split, series
+coverage and tile formats as tables, and a PNG gallery of one tile and window per class."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -16,7 +14,7 @@ from rich.table import Table
 
 from fusion.data.datamodule import FusionDataModule
 from fusion.data.tiles import read_tile
-from fusion.plots import save_figure
+from fusion.plots import display_rgb, save_figure
 
 
 def coverage_table(dm: FusionDataModule) -> pd.DataFrame:
@@ -61,17 +59,6 @@ def _rich(frame: pd.DataFrame, title: str, index: bool = True) -> Table:
     return table
 
 
-def display_rgb(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` raw tile → ``(H, W, 3)`` in [0, 1], 2-98 percentile stretch per band."""
-    bands = data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
-    out = np.zeros(bands.shape, dtype=np.float32)
-    for b, band in enumerate(bands):
-        values = band[valid] if valid.any() else band.ravel()
-        lo, hi = np.percentile(values, [2, 98])
-        out[b] = np.clip((band - lo) / max(hi - lo, 1e-6), 0, 1)
-    return out.transpose(1, 2, 0)
-
-
 def write_gallery(dm: FusionDataModule, path: Path) -> Path:
     """One row per class: a training tile and its activity window (first count column)."""
     assert dm.classes is not None and dm.frame is not None
@@ -110,7 +97,7 @@ def write_gallery(dm: FusionDataModule, path: Path) -> Path:
     return save_figure(fig, path, dpi=90)
 
 
-def inspect(dm: FusionDataModule, output: Path, console: Console | None = None) -> Path:
+def inspect(dm: FusionDataModule, output: Path, console: Console | None = None) -> None:
     """Print counts per label and split, series coverage and tile formats; write the gallery."""
     console = console or Console()
     dm.setup()
@@ -122,4 +109,3 @@ def inspect(dm: FusionDataModule, output: Path, console: Console | None = None) 
     console.print(_rich(tile_table(dm), "Tiles", index=False))
     gallery = write_gallery(dm, output / "gallery.png")
     console.print(f"gallery: {gallery}")
-    return gallery
