@@ -46,7 +46,6 @@ from fusion.plots import save_figure
 from fusion.task import VIEWS
 from fusion.training import build_cli, refit
 
-POOLED = (*SCALARS, "ece", "ece_calibrated")
 OOF_FILE = "oof_predictions.csv.gz"
 LINEAR_PROBE = "linear_probe"
 

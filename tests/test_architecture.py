@@ -30,11 +30,6 @@ MODELS_MAY_NOT_IMPORT = {
 }  # fmt: skip
 DATASET_BASES = {"Dataset", "IterableDataset"}
 
-# Known offenders, to be emptied by the data-path refactor: build_cli / refit move out of
-# fusion/cli.py, and the prediction datasets move from fusion/predict.py into fusion/data/.
-KNOWN_CYCLES = {frozenset({"fusion.cli", "fusion.experiments"})}
-KNOWN_DATASETS = {"fusion.predict.ManifestSamples", "fusion.predict.RegionSamples"}
-
 Graph = Mapping[str, set[str]]
 
 
@@ -226,8 +221,8 @@ def test_the_graph_sees_every_module_and_kind_of_import(graph: dict[str, set[str
 
 
 def test_no_import_cycle(graph: dict[str, set[str]]) -> None:
-    new = [cycle for cycle in cycles(graph) if frozenset(cycle) not in KNOWN_CYCLES]
-    assert not new, "import cycles:\n" + _show(new)
+    found = cycles(graph)
+    assert not found, "import cycles:\n" + _show(found)
 
 
 def test_the_data_layer_imports_only_itself_and_its_helpers(graph: dict[str, set[str]]) -> None:
@@ -246,17 +241,7 @@ def test_datasets_live_in_the_data_layer() -> None:
     found = datasets(SOURCE, PACKAGE)
     assert "fusion.data.datasets.PairedDataset" in found  # the detector sees the real one
     outside = {name for name, module in found.items() if not _inside(module, DATA)}
-    assert not outside - KNOWN_DATASETS, f"Dataset classes outside {DATA}: {outside}"
-
-
-@pytest.mark.xfail(strict=False, reason="fusion.cli <-> fusion.experiments: build_cli/refit move")
-def test_the_known_cycle_is_gone(graph: dict[str, set[str]]) -> None:
-    assert not [cycle for cycle in cycles(graph) if frozenset(cycle) in KNOWN_CYCLES]
-
-
-@pytest.mark.xfail(strict=False, reason="the prediction datasets move into fusion/data/")
-def test_the_known_datasets_outside_the_data_layer_are_gone() -> None:
-    assert not KNOWN_DATASETS & set(datasets(SOURCE, PACKAGE))
+    assert not outside, f"Dataset classes outside {DATA}: {outside}"
 
 
 # ---------------------------------------------------------------------------------- self-check

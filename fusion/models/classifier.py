@@ -5,8 +5,8 @@ Variants (``fusion``):
 - ``none``: one branch only (``image`` or ``series`` must be switched off): the ViT image-only
   model or the BiLSTM / TRANS-BLSTM series-only baseline.
 - ``concat``: late fusion, pooled image and series vectors concatenated.
-- ``msift``: MsIFT-style cross-attention decoders (:mod:`fusion.models.cross_attention`).
-- ``mbt``: MBT bottleneck fusion from ``fusion_layer`` on (:mod:`fusion.models.bottleneck`).
+- ``msift``: MsIFT-style cross-attention decoders (:mod:`fusion.models.msift`).
+- ``mbt``: MBT bottleneck fusion from ``fusion_layer`` on (:mod:`fusion.models.mbt`).
 
 A missing view (``has_image`` / ``has_series`` False, or dropped by modality dropout while
 training) is replaced by a learned token, never by zeros that could pass for data.
@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from fusion.models.bilstm import BiLSTMEncoder
 from fusion.models.blocks import masked_mean
-from fusion.models.bottleneck import BottleneckFusion, fusion_layer_for
-from fusion.models.cross_attention import MsIFTFusion
+from fusion.models.mbt import BottleneckFusion, fusion_layer_for
+from fusion.models.msift import MsIFTFusion
 from fusion.models.experts import ExpertHead, pool_experts
 from fusion.models.trans_blstm import TransBLSTMEncoder
 from fusion.models.vit import Freeze, ViTEncoder, cls_and_mean

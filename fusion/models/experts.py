@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-HEADS = ("fused", "image", "series")
-
 
 class ExpertHead(nn.Module):
     """``(B, D)`` pooled features → logits ``(B, K)``: LayerNorm, dropout, linear."""

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from fusion.models.blocks import MaskedAttention, masked_mean
-from fusion.models.bottleneck import FUSION_DEPTH_NAMES, BottleneckFusion, fusion_layer_for
-from fusion.models.cross_attention import MsIFTFusion
+from fusion.models.mbt import FUSION_DEPTH_NAMES, BottleneckFusion, fusion_layer_for
+from fusion.models.msift import MsIFTFusion
 
 B, N_I, N_S, D_I, D_S, DIM = 3, 7, 5, 12, 6, 16
 

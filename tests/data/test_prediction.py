@@ -1,5 +1,5 @@
-"""Prediction inputs that do not fit the model: a label outside its classes, a checkpoint whose
-weights do not fit its config.
+"""Inputs of new places that do not fit the model: a label outside its classes, tiles of another
+pixel type, a checkpoint whose weights do not fit its config.
 
 Covered in ``tests/test_predict.py`` and not repeated here:
 ``test_bad_manifest_rows_are_named_before_anything_is_written`` (a label outside a trained model's
@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusion.data.contract import DataContract
+from fusion.data.prediction import ManifestSamples, RegionSamples
 from fusion.data.tiles import BandStats
 from fusion.errors import InputError, InputErrors
 from tests.data.real_inputs import REAL_AIRPORT, REAL_JPEG
 
 
 def test_label_outside_the_models_classes(tmp_path: Path) -> None:
-    from fusion.predict import ManifestSamples, ModelInputs
-
-    inputs = ModelInputs(
+    contract = DataContract(
         classes=("civic", "commercial", "park", "railway_station", "residential", "school"),
         band_stats=BandStats(mean=(100.0, 100.0, 100.0), std=(50.0, 50.0, 50.0)),
         image_size=56,
@@ -29,13 +29,6 @@ def test_label_outside_the_models_classes(tmp_path: Path) -> None:
         nodata=None,
         hours=672,
         value_columns=("count",),
-        key_column="sensor_id",
-        time_column="timestamp",
-        timezone=None,
-        log1p=True,
-        min_present=0.5,
-        uses_image=True,
-        uses_series=True,
     )
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(
@@ -44,14 +37,43 @@ def test_label_outside_the_models_classes(tmp_path: Path) -> None:
         f"b,{REAL_AIRPORT},,,,airport\n"
     )
     with pytest.raises(InputErrors) as info:
-        ManifestSamples(manifest, inputs)
+        ManifestSamples(manifest, contract)
     (err,) = info.value.errors
     assert (err.file, err.line, err.field) == (str(manifest), 3, "label")
-    assert "label 'airport' is not one of the model's classes" in err.message
+    assert "unknown label 'airport'" in err.message
     # Without the unseen row the same manifest is accepted.
     manifest.write_text(f"sample_id,image,sensor_id,start,hours,label\na,{REAL_JPEG},,,,civic\n")
-    samples = ManifestSamples(manifest, inputs)
+    samples = ManifestSamples(manifest, contract)
     assert len(samples) == 1 and samples.labels.tolist() == [0]
+    assert samples[0]["label"].item() == 0 and samples[0]["has_image"]
+
+
+def test_tiles_of_another_pixel_type_are_refused_by_name(tmp_path: Path) -> None:
+    """A model trained on 8-bit tiles never scores 16-bit ones on another scale."""
+    contract = DataContract(
+        classes=("civic", "park"),
+        band_stats=BandStats(mean=(100.0,) * 3, std=(50.0,) * 3),
+        image_size=56,
+        bands=None,
+        nodata=None,
+        hours=672,
+        value_columns=("count",),
+        dtype="uint8",
+    )
+    landsat = REAL_JPEG.parents[2] / "geotiff" / "landsat8_224078_20200518.tif"  # uint16
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        f"sample_id,image,sensor_id,start,hours\na,{REAL_JPEG},,,\nb,{landsat},,,\n"
+    )
+    with pytest.raises(InputErrors) as info:
+        ManifestSamples(manifest, contract)
+    (err,) = info.value.errors
+    assert (err.line, err.field) == (3, "image") and "uint16" in err.message
+    assert "trained on uint8" in err.message
+    regions = REAL_JPEG.parents[2] / "geotiff"
+    with pytest.raises(InputError, match="uint16") as raster:
+        RegionSamples(landsat, regions / "regions_landsat.gpkg", contract)
+    assert raster.value.file == str(landsat)
 
 
 DATA_INFO = {
@@ -105,7 +127,8 @@ def test_checkpoint_from_another_config(fast_vit_init, concat_state: dict, tmp_p
         load_model(path)
     assert exc.value.file == str(path) and "net.fusion" in exc.value.message
     # Data facts of a 4-band model with 3-band weights.
-    path = _checkpoint(tmp_path / "bands.ckpt", CONCAT, concat_state, in_chans=4)
+    four = {"mean": [100.0] * 4, "std": [50.0] * 4}
+    path = _checkpoint(tmp_path / "bands.ckpt", CONCAT, concat_state, band_stats=four)
     with pytest.raises(InputError, match="size mismatch") as exc:
         load_model(path)
     assert exc.value.file == str(path)
