@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from fusion.models.bilstm import BiLSTMEncoder
 from fusion.models.blocks import masked_mean
+from fusion.models.experts import ExpertHead, pool_experts
 from fusion.models.mbt import BottleneckFusion, fusion_layer_for
 from fusion.models.msift import MsIFTFusion
-from fusion.models.experts import ExpertHead, pool_experts
 from fusion.models.trans_blstm import TransBLSTMEncoder
 from fusion.models.vit import Freeze, ViTEncoder, cls_and_mean
 
