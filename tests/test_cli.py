@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,81 @@ def test_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
+
+
+@pytest.fixture
+def ctrl_c():
+    """Python's usual SIGINT handler, as in a terminal (a background job starts with SIGINT
+    ignored, and then ``main`` leaves it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("ctrl_c")
+def test_ctrl_c_ends_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    def stopped(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fusion.cli._inspect", stopped)
+    handler = signal.getsignal(signal.SIGINT)
+    code = main(["data", "inspect", "--manifest", str(tmp_path / "m.csv")])
+    assert code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is handler  # main's own handler is gone again
+
+
+@pytest.mark.usefixtures("ctrl_c")
+def test_ctrl_c_during_lightning_fit_ends_with_one_line(tmp_path: Path, monkeypatch, capsys):
+    """Lightning catches Ctrl-C in fit itself (graceful shutdown, then ``sys.exit(1)``)."""
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class CtrlC(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # as the terminal does on Ctrl-C
+
+    trainers: list[Trainer] = []
+
+    def fit(argv: list[str]) -> None:
+        trainer = Trainer(
+            max_epochs=100, callbacks=[CtrlC()], default_root_dir=tmp_path, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainers.append(trainer)
+        trainer.fit(BoringModel())
+
+    monkeypatch.setattr("fusion.cli.build_cli", fit)
+    # Lightning's log handler may still write to an earlier test's closed capture stream: let
+    # logging drop that line quietly instead of printing its own "Logging error" traceback.
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    handler = signal.getsignal(signal.SIGINT)
+    assert main(["fit", "--config", "configs/vit.yaml"]) == 130
+    assert trainers[0].interrupted and trainers[0].global_step == 2  # stopped where sent
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is handler  # not left ignored by Lightning
+
+
+def test_other_exits_pass_through(monkeypatch) -> None:
+    def fails(argv: list[str]) -> None:
+        raise SystemExit(1)
+
+    monkeypatch.setattr("fusion.cli.build_cli", fails)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "configs/vit.yaml"])
+    assert info.value.code == 1
+
+
+def test_an_ignored_ctrl_c_stays_ignored(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(
+        "fusion.cli._inspect", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0
+    )
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["data", "inspect", "--manifest", "m.csv"]) == 0
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
