@@ -400,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, InputErrors) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2
+    except ValueError as err:
+        # jsonargparse wraps what the datamodule raises while the CLI instantiates it.
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, (InputError, InputErrors)):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        console.print(f"[bold red]error:[/] {cause}", highlight=False)
+        return 2
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)
         return 130
