@@ -250,8 +250,30 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; an input problem ends with one ``error:`` line (exit 2), Ctrl-C with one
+    ``interrupted`` line (exit 130), never with a traceback."""
+    import signal
+    import threading
+
     argv = sys.argv[1:] if argv is None else argv
     console = Console(stderr=True)
+    # Lightning answers Ctrl-C during fit/validate/test with its own graceful shutdown and
+    # sys.exit(1); this flag tells that exit from the others.
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    # Only Python's usual Ctrl-C handler is replaced (an ignored SIGINT stays ignored).
+    previous = signal.getsignal(signal.SIGINT)
+    catch = (
+        previous is signal.default_int_handler
+        and threading.current_thread() is threading.main_thread()
+    )
+    if catch:
+        signal.signal(signal.SIGINT, on_interrupt)
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             from fusion.training import build_cli
@@ -277,6 +299,26 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, InputErrors) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2
+    except ValueError as err:
+        # jsonargparse wraps what the datamodule raises while the CLI instantiates it.
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, (InputError, InputErrors)):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        console.print(f"[bold red]error:[/] {cause}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        return 130
+    except SystemExit:
+        if not interrupted:
+            raise
+        console.print("interrupted", highlight=False)
+        return 130
+    finally:
+        if catch:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def load_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -
         hint = header_hint(path)
         raise InputError(
             f"missing column(s) {missing}; a manifest needs {list(required)} "
-            f"(+ optional 'label', 'split')" + (f"; {hint}" if hint else ""),
+            "(+ optional 'label', 'split')" + (f"; {hint}" if hint else ""),
             file=path,
         )
     if frame.empty:

@@ -354,7 +354,9 @@ def _load(
     try:
         header = pd.read_csv(path, nrows=0).columns
     except pd.errors.EmptyDataError:
-        raise InputError("table is empty (no header, no rows)", file=path) from None
+        raise InputError(
+            "cannot read CSV: the file is empty (no header, no rows)", file=path
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read CSV: {error}", file=path) from None
     _require_columns(columns, header, path, csv=True)

@@ -356,27 +356,12 @@ def test_other_delimiter_is_named(shared_data: Path, tmp_path: Path, sep: str, n
     assert f"looks {name}-separated" in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("text", "match"),
-    [
-        ("sensor_id,timestamp,count\n", "no data rows"),
-        ("sensor_id,timestamp,count\n\n,,\n", "no data rows"),
-        ("", "table is empty"),
-    ],
-)
-def test_empty_table(tmp_path: Path, text: str, match: str) -> None:
-    path = write(tmp_path, text)
-    with pytest.raises(InputError, match=match) as info:
+def test_empty_file(tmp_path: Path) -> None:
+    """(A header without rows: tests/test_reliability_inputs.py)"""
+    path = write(tmp_path, "")
+    with pytest.raises(InputError, match="the file is empty") as info:
         SeriesTable.read(path)
     assert info.value.file == str(path)
-
-
-def test_empty_parquet_table(tmp_path: Path) -> None:
-    path = tmp_path / "counts.parquet"
-    empty = {"sensor_id": [], "timestamp": pd.Series([], dtype="datetime64[us, UTC]"), "count": []}
-    pd.DataFrame(empty).to_parquet(path)
-    with pytest.raises(InputError, match="no data rows"):
-        SeriesTable.read(path)
 
 
 def test_unsupported_and_absent_files(tmp_path: Path) -> None:
