@@ -36,7 +36,7 @@ from fusion.data.series import CALENDAR_FEATURES, KEY_COLUMN, TIME_COLUMN, Serie
 from fusion.data.splits import group_folds, group_split, single_group_labels, stratified_split
 from fusion.data.tiles import BandStats
 from fusion.data.tokens import Encode, cached_image_tokens
-from fusion.errors import InputError, InputErrors
+from fusion.errors import InputError, InputErrors, header_hint
 
 SplitMode = Literal["manifest", "stratified", "place"]
 
@@ -294,7 +294,8 @@ class FusionDataModule(L.LightningDataModule):
             table = pd.read_csv(hp.groups, dtype=str, keep_default_na=False)
             for column in (self.key_column, hp.group_column):
                 if column not in table.columns:
-                    raise InputError(f"missing column '{column}'", file=hp.groups)
+                    hint = header_hint(hp.groups)
+                    raise InputError(f"missing column '{column}'; {hint}", file=hp.groups)
             mapping = dict(zip(table[self.key_column], table[hp.group_column], strict=True))
         keys = frame[self.key_column].tolist()
         sample_ids = frame["sample_id"].tolist()

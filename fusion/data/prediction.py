@@ -261,8 +261,8 @@ class RegionSamples(Dataset[Sample]):
         ) or check_dtype(self.raster.dtype, contract.dtype, path)
         if found:
             raise found
-        outside = self.raster.outside()
-        if len(outside) == len(self.raster):
+        unreadable = len(self.raster.outside()) + len(self.raster.degenerate())
+        if unreadable == len(self.raster):
             raise InputError(
                 f"no region overlaps the raster {path} ({self.raster.crs}); the regions' CRS "
                 f"is {self.raster.frame.crs.to_string()}: check that the layer's CRS is the one "
