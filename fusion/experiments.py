@@ -44,6 +44,7 @@ from fusion.io import atomic_path
 from fusion.metrics import SCALARS, confusion_matrix, draw_confusion, macro_f1, scores
 from fusion.plots import save_figure
 from fusion.task import VIEWS
+from fusion.training import build_cli, refit
 
 POOLED = (*SCALARS, "ece", "ece_calibrated")
 OOF_FILE = "oof_predictions.csv.gz"
@@ -92,8 +93,6 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    from fusion.cli import build_cli
-
     if folder.exists():
         shutil.rmtree(folder)  # an interrupted run starts over
     folder.mkdir(parents=True)
@@ -163,8 +162,6 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
 def _train(cli: Any, args: list[str]) -> Outcome:
     """Fit the config's model (and its refit on all training places, if the config asks), then
     test its last checkpoint."""
-    from fusion.cli import refit
-
     trainer, task, dm = cli.trainer, cli.model, cli.datamodule
     start = time.perf_counter()
     trainer.fit(task, dm)

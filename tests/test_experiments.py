@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fusion import cli as cli_module
+from fusion import experiments
 from fusion.cli import main
 from fusion.experiments import OOF_FILE, cluster_bootstrap
 
@@ -70,7 +70,7 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(cli_module, "build_cli", no_training)
+    monkeypatch.setattr(experiments, "build_cli", no_training)
     assert main(argv) == 0  # everything resumes from result.json
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), results)
 

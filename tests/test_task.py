@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from fusion.calibration import fit_view_weights
-from fusion.cli import build_cli, main
+from fusion.cli import main
 from fusion.data.datamodule import FusionDataModule
 from fusion.task import FusionTask
+from fusion.training import build_cli
 from tests.conftest import IMAGE_SIZE, TrainedRun
 
 

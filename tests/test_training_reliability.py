@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from fusion.calibration import fit_view_weights
-from fusion.cli import build_cli
 from fusion.task import FusionTask
+from fusion.training import build_cli
 from tests.conftest import IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,114 @@
+"""Lightning's CLI over :class:`fusion.task.FusionTask` and
+:class:`fusion.data.datamodule.FusionDataModule`; the two-stage fit (:func:`refit`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from fusion.calibration import fit_view_weights
+from fusion.data.datamodule import FusionDataModule
+from fusion.task import FusionTask
+
+
+class FusionCLI(LightningCLI):
+    """``fusion fit|validate|test``. ``argv``: the arguments parsed (with the subcommand when
+    ``run``); a fit with ``--refit true`` trains its second stage from them (:func:`refit`)."""
+
+    def __init__(self, argv: list[str], run: bool = True) -> None:
+        self.argv = argv
+        super().__init__(
+            FusionTask,
+            FusionDataModule,
+            args=argv,
+            run=run,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The model learns the data's classes, statistics and shapes from the datamodule;
+        # they are saved in the checkpoint with the model config.
+        parser.link_arguments(
+            "data", "model.data_info", compute_fn=lambda dm: dm.info(), apply_on="instantiate"
+        )
+        parser.add_argument(
+            "--refit",
+            type=bool,
+            default=False,
+            help="after fitting (stage 1: the val places fit the heads' weights), train a "
+            "fresh model on every place (train and val) for as many epochs, with stage 1's "
+            "weights; its checkpoints replace stage 1's, which move to 'heldout/' beside them",
+        )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # Checkpoints are loaded as data only: never run pickled code from a file.
+        parser.set_defaults(weights_only=True)
+        return parser
+
+    def after_fit(self) -> None:
+        config = self.config["fit"]
+        if config["refit"]:
+            refit(self.argv[1:], self.trainer, self.model, config["data"]["inner_folds"])
+
+
+def build_cli(argv: list[str], run: bool = True) -> FusionCLI:
+    """Lightning's CLI over :class:`FusionTask` and :class:`FusionDataModule`.
+
+    ``run=False`` parses and instantiates only (``argv`` without a subcommand); the caller drives
+    ``cli.trainer``, ``cli.model`` and ``cli.datamodule`` (see :mod:`fusion.experiments`).
+    ``fusion fit --refit true`` trains in two stages (:func:`refit`).
+    """
+    return FusionCLI(argv, run=run)
+
+
+def refit(argv: list[str], trainer: Trainer, stage1: FusionTask, inner_folds: int = 0) -> FusionCLI:
+    """Stage 2 of a fit: a fresh model trained on every place stage 1 saw (its train and val
+    rows; the test rows stay out) for the same number of epochs, pooling its heads with weights
+    fitted on held-out places.
+
+    Those weights are stage 1's, fitted on its val places; with ``inner_folds >= 2``
+    (cross-fitting) a model is also trained for every other inner fold, and the weights are
+    fitted on the val rows of them all, so every training place weighs the heads once. Stage 1's
+    checkpoints move to ``heldout/`` in their folder; stage 2's take their place. ``argv``:
+    stage 1's settings (no subcommand). Returns stage 2's CLI.
+    """
+    folder = Path(trainer.checkpoint_callback.dirpath)
+    heldout = folder / "heldout"
+    shutil.rmtree(heldout, ignore_errors=True)
+    heldout.mkdir(parents=True)
+    for ckpt in folder.glob("*.ckpt"):
+        ckpt.rename(heldout / ckpt.name)
+    if inner_folds >= 2:
+        parts = [stage1.held_out_heads(trainer.datamodule)]
+        for k in range(1, inner_folds):
+            inner = build_cli([*argv, "--data.inner_fold", str(k), "--refit", "false"], run=False)
+            inner.trainer.checkpoint_callback.dirpath = str(heldout / f"inner{k}")
+            inner.trainer.fit(inner.model, inner.datamodule)
+            parts.append(inner.model.held_out_heads(inner.datamodule))
+        heads, labels = (torch.cat(column) for column in zip(*parts, strict=True))
+        stage1.set_view_weights(fit_view_weights(heads.unbind(dim=1), labels))
+    scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    cli = build_cli([*argv, "--data.val_fraction", "0", "--refit", "false"], run=False)
+    cli.model.calibrate_like(stage1)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    shares = zip(stage1.net.head_names, stage1.net.view_weights.tolist(), strict=True)
+    weights = " · ".join(f"{name} {w:.2f}" for name, w in shares)
+    train = cli.datamodule.splits == "train"
+    places = len(set(cli.datamodule.groups[train]))
+    nan = float("nan")
+    print(
+        f"stage 1 on its val places (never trained on): "
+        f"macro-F1 {scores.get('val/macro_f1', nan):.3f}, OA {scores.get('val/OA', nan):.3f}; "
+        f"heads weighted {weights}, temperature {stage1.temperature.item():.3f}\n"
+        f"stage 2 trained on {train.sum()} rows of {places} places: "
+        f"{cli.trainer.checkpoint_callback.best_model_path}"
+    )
+    return cli
