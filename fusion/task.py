@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from fusion.calibration import (
 )
 from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
 from fusion.metrics import SCALARS, ClassificationScores, plot_confusion
-from fusion.models.classifier import FusionClassifier
+from fusion.models.classifier import FusionClassifier, NetConfig
 from fusion.models.experts import pool_experts
 
 Batch = dict[str, Tensor]
@@ -83,7 +84,9 @@ class FusionTask(L.LightningModule):
         data_info: facts about the data from :meth:`FusionDataModule.info` (classes, class
             weights, band statistics, bands, tile size, series features); linked automatically by
             the CLI.
-        net: keyword arguments of :class:`FusionClassifier` (everything but the data facts).
+        net: the network's settings (:class:`NetConfig`; a dict of its fields, such as a
+            checkpoint's, is accepted too). Saved as a plain dict, so that a checkpoint loads
+            with ``torch.load(weights_only=True)``.
         lr: learning rate of the new layers; ``head_lr`` of the classification heads (default:
             ``lr``); ``backbone_lr`` of a trainable ViT, with ``layer_decay`` per block below the
             top.
@@ -109,7 +112,7 @@ class FusionTask(L.LightningModule):
     def __init__(
         self,
         data_info: dict[str, Any] | None = None,
-        net: dict[str, Any] | None = None,
+        net: NetConfig = NetConfig(),  # noqa: B008 (frozen: one shared default is safe)
         lr: float = 1e-3,
         head_lr: float | None = None,
         series_weight_decay: float | None = None,
@@ -125,6 +128,7 @@ class FusionTask(L.LightningModule):
         super().__init__()
         if data_info is None:
             raise ValueError("data_info is required (the CLI links it from the datamodule)")
+        net = asdict(NetConfig.of(net))  # what save_hyperparameters records (data only)
         self.save_hyperparameters()
         self.classes: list[str] = list(data_info["classes"])
         self.configure_models()
@@ -142,14 +146,13 @@ class FusionTask(L.LightningModule):
     # ------------------------------------------------------------------ configuration hooks
     def configure_models(self) -> None:
         info = self.hparams.data_info
-        net = dict(self.hparams.net or {})
         self.net = FusionClassifier(
             num_classes=len(self.classes),
             in_chans=info["in_chans"],
             n_features=info["n_features"],
             n_counts=len(info["value_columns"]),
             img_size=info["image_size"],
-            **net,
+            **asdict(NetConfig.of(self.hparams.net)),
         )
 
     def configure_losses(self) -> None:
