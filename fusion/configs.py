@@ -10,9 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+from jsonargparse import ArgumentParser
+
 from fusion.errors import InputError
+from fusion.models.classifier import NetConfig
 
 CONFIG_DIR = Path("configs")  # as the commands name it, from the checkout
+CHECKOUT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # whatever the working folder
 BASE = "base.yaml"
 VARIANTS = "variants"
 
@@ -36,3 +41,16 @@ def config_files(name: str | Path, config_dir: Path = CONFIG_DIR) -> tuple[Path,
 def config_args(files: Sequence[Path]) -> list[str]:
     """``--config FILE`` for each file, in order."""
     return [arg for path in files for arg in ("--config", str(path))]
+
+
+def net_config(files: Sequence[Path]) -> NetConfig:
+    """The network settings (``model.net``) of ``files`` read in order, as the CLI reads them: a
+    later file's value wins, field by field; a misspelt field is an error."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--net", type=NetConfig)
+    settings = parser.get_defaults()
+    for path in files:
+        net = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("net")
+        if net is not None:
+            settings = parser.parse_object({"net": net}, namespace=settings)
+    return NetConfig(**settings.net.as_dict())

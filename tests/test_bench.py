@@ -7,7 +7,8 @@ module; the tests check what it measured and wrote.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from fusion.bench import models as bench_models
 from fusion.bench.models import (
     COLUMNS,
     TARGET_RATIO,
@@ -30,6 +32,7 @@ from fusion.bench.models import (
     variants,
 )
 from fusion.bench.scaling import FUSION_MODULES, QUICK, SERIES_HOURS
+from fusion.configs import CHECKOUT_CONFIGS, config_files, net_config, variant_names
 from fusion.models.vit import ViTEncoder
 
 FUSIONS = ("concat", "msift", "mbt_early", "mbt_mid", "mbt_late")
@@ -173,3 +176,27 @@ def test_median_times_interleaves_the_calls() -> None:
     assert order == ["a", "b"] * 4
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
     assert spread({"a": [1.0, 2.0, 3.0], "b": [2.0, 2.0, 2.0]}) == 1.0
+
+
+def test_the_bench_measures_the_networks_the_configs_give(tmp_path: Path, monkeypatch) -> None:
+    configs = tmp_path / "configs"
+    shutil.copytree(CHECKOUT_CONFIGS, configs)
+    base = (configs / "base.yaml").read_text()
+    assert "series_dim: 64" in base
+    (configs / "base.yaml").write_text(base.replace("series_dim: 64", "series_dim: 48"))
+    monkeypatch.setattr(bench_models, "CHECKOUT_CONFIGS", configs)
+    variants.cache_clear()
+    try:
+        specs = variants()
+    finally:
+        variants.cache_clear()  # the next caller reads the checkout's configs again
+    assert {s["series_dim"] for s in specs.values()} == {48}  # a change to a config shows
+    for name in variant_names(configs):  # every row with a config of its own is that config's
+        net = asdict(net_config(config_files(name, configs)))
+        spec = specs[name.replace("_trans_blstm", "+trans_blstm")]
+        assert {k: spec[k] for k in net if k != "vit_weights"} == {
+            k: v for k, v in net.items() if k != "vit_weights"
+        }, name
+    # A fusion without a TRANS-BLSTM config of its own: its BiLSTM config, that encoder swapped.
+    swapped = {**specs["concat"], "series_encoder": "trans_blstm", "trans_blstm_variant": 1}
+    assert specs["concat+trans_blstm"] == swapped

@@ -9,13 +9,14 @@ length for every row) on one machine:
 - every fusion variant (``concat``, ``msift``, ``mbt_early``, ``mbt_mid``, ``mbt_late``) with the
   BiLSTM and with the TRANS-BLSTM series encoder (``mbt_mid+trans_blstm``, ...).
 
-All rows use the configs' setting: frozen ViT (``freeze="all"``), patch tokens pooled to a 4 x 4
-grid. *Inference* is a ``torch.inference_mode`` forward of a full batch (image through the ViT,
-series through its encoder, fusion, head). A *training step* is forward + backward + an AdamW step
-on the trainable parameters; the ViT runs in it (the configs' token cache, which skips the ViT
-when training, is not used, so the step is the uncached worst case). To compare like with like, the
-timm floor is trained the same way: its backbone is frozen (and kept in eval mode, as
-:class:`~fusion.models.vit.ViTEncoder` keeps a frozen backbone) and only its linear head learns.
+Every row's network is its config's (``configs/base.yaml`` + ``configs/variants/NAME.yaml``,
+:func:`variants`), so the bench measures what the configs train. *Inference* is a
+``torch.inference_mode`` forward of a full batch (image through the ViT, series through its encoder,
+fusion, heads). A *training step* is forward + backward + an AdamW step on the trainable parameters;
+the ViT runs in it (the configs' token cache, which skips the ViT when training, is not used, so the
+step is the uncached worst case). To compare like with like, the timm floor is trained the same way:
+its backbone is frozen (and kept in eval mode, as :class:`~fusion.models.vit.ViTEncoder` keeps a
+frozen backbone) and only its linear head learns.
 
 Throughput is samples/s from the median over ``repeats`` timed calls, after ``warmup`` untimed
 ones; the rows are interleaved call by call (round-robin), so a burst of load from another process
@@ -67,9 +68,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from fusion.configs import CHECKOUT_CONFIGS, config_files, net_config, variant_names
 from fusion.data.series import CALENDAR_FEATURES
 from fusion.io import atomic_path
-from fusion.models.classifier import FusionClassifier
+from fusion.models.classifier import FusionClassifier, NetConfig
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
@@ -86,18 +88,12 @@ COLUMNS = (
     "train_ratio", "peak_mib", "params_m", "trainable_m", "gflops_per_sample", "meets_target",
 )  # fmt: skip
 
-# The configs' shared network settings (configs/*.yaml) and each fusion variant's own.
-_SHARED: dict[str, Any] = {
-    "num_classes": NUM_CLASSES, "n_features": N_FEATURES, "n_counts": N_COUNTS,
-    "vit_name": VIT_NAME, "freeze": "all", "token_grid": 4,
-}  # fmt: skip
-_FUSIONS: dict[str, dict[str, Any]] = {
-    "concat": {"fusion": "concat"},
-    "msift": {"fusion": "msift", "fusion_depth": 2},
-    "mbt_early": {"fusion": "mbt", "fusion_layer": "early", "fusion_depth": 4},
-    "mbt_mid": {"fusion": "mbt", "fusion_layer": "mid", "fusion_depth": 4},
-    "mbt_late": {"fusion": "mbt", "fusion_layer": "late", "fusion_depth": 4},
-}
+# The bench's rows, each a variant of the configs (configs/base.yaml + configs/variants/NAME.yaml):
+# the single-view models, then each fusion with the BiLSTM and with TRANS-BLSTM (its own config,
+# NAME_trans_blstm, where there is one; else NAME's settings with this series encoder).
+SINGLE_VIEW = ("vit", "bilstm")
+FUSIONS = ("concat", "msift", "mbt_early", "mbt_mid", "mbt_late")
+TRANS_BLSTM: dict[str, Any] = {"series_encoder": "trans_blstm", "trans_blstm_variant": 1}
 
 
 def default_weights() -> str | None:
@@ -162,23 +158,35 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@functools.cache
 def variants() -> dict[str, dict[str, Any]]:
     """Variant name → :class:`FusionClassifier` keyword arguments (all but ``vit_weights`` and
-    ``img_size``, which come from :class:`BenchSettings`).
+    ``img_size``, which come from :class:`BenchSettings`), read once from the checkout's configs
+    (``model.net``, :func:`fusion.configs.net_config`): the bench measures the networks the
+    configs train.
 
     ``vit`` (image only), ``bilstm`` (series only), then each fusion variant with the BiLSTM
-    (``mbt_mid``) and with TRANS-BLSTM variant 1 (``mbt_mid+trans_blstm``). The bare timm ViT,
+    (``mbt_mid``) and with TRANS-BLSTM (``mbt_mid+trans_blstm``). The bare timm ViT,
     :data:`TIMM_VIT`, is not a :class:`FusionClassifier` and is not listed here.
     """
-    out: dict[str, dict[str, Any]] = {
-        "vit": {**_SHARED, "series": False, "fusion": "none"},
-        "bilstm": {**_SHARED, "image": False, "fusion": "none", "series_encoder": "bilstm"},
-    }
-    for name, kwargs in _FUSIONS.items():
-        out[name] = {**_SHARED, **kwargs, "series_encoder": "bilstm"}
-        out[f"{name}+trans_blstm"] = {
-            **_SHARED, **kwargs, "series_encoder": "trans_blstm", "trans_blstm_variant": 1,
-        }  # fmt: skip
+    configs = set(variant_names(CHECKOUT_CONFIGS))
+
+    def net(name: str) -> NetConfig:
+        return net_config(config_files(name, CHECKOUT_CONFIGS))
+
+    def kwargs(config: NetConfig) -> dict[str, Any]:
+        settings = {k: v for k, v in asdict(config).items() if k != "vit_weights"}
+        return {**settings, "num_classes": NUM_CLASSES, "n_features": N_FEATURES,
+                "n_counts": N_COUNTS}  # fmt: skip
+
+    out = {name: kwargs(net(name)) for name in SINGLE_VIEW}
+    for name in FUSIONS:
+        config = net(name)
+        out[name] = kwargs(config)
+        trans = f"{name}_trans_blstm"
+        out[f"{name}+trans_blstm"] = kwargs(
+            net(trans) if trans in configs else replace(config, **TRANS_BLSTM)
+        )
     return out
 
 
@@ -568,7 +576,7 @@ def _run_models(settings: BenchSettings) -> pd.DataFrame:
         rows.append(
             {
                 "variant": name,
-                "series_encoder": spec.get("series_encoder", "none"),
+                "series_encoder": spec["series_encoder"] if spec.get("series") else "none",
                 "fusion": spec.get("fusion", "none"),
                 "infer_sps": settings.batch_size / infer[name],
                 "train_sps": settings.batch_size / train[name],
