@@ -72,11 +72,11 @@ from fusion.configs import CHECKOUT_CONFIGS, config_files, net_config, variant_n
 from fusion.data.series import CALENDAR_FEATURES
 from fusion.io import atomic_path
 from fusion.models.classifier import FusionClassifier, NetConfig
+from fusion.models.vit import VIT_NAME
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
 
-VIT_NAME = "vit_small_patch14_dinov2"
 TIMM_VIT = "timm_vit"  # the bare timm backbone: the floor of every ratio
 NUM_CLASSES = 8
 N_COUNTS = 1

@@ -35,6 +35,10 @@ import pyarrow.parquet as pq
 
 from fusion.errors import InputError
 
+KEY_COLUMN = "sensor_id"  # default column naming each row's series (place)
+TIME_COLUMN = "timestamp"  # default column of each row's hour
+MIN_PRESENT = 0.5  # default least share of a window's hours with a row, for it to be used
+
 CALENDAR_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
 
 _US_PER_MINUTE = 60_000_000
@@ -154,8 +158,8 @@ class SeriesTable:
         cls,
         path: str | PathLike[str],
         *,
-        key_column: str = "sensor_id",
-        time_column: str = "timestamp",
+        key_column: str = KEY_COLUMN,
+        time_column: str = TIME_COLUMN,
         value_columns: tuple[str, ...] = ("count",),
         timezone: str | None = None,
         chunk_rows: int = CHUNK_ROWS,

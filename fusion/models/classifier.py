@@ -32,7 +32,7 @@ from fusion.models.bottleneck import BottleneckFusion, fusion_layer_for
 from fusion.models.cross_attention import MsIFTFusion
 from fusion.models.experts import ExpertHead, pool_experts
 from fusion.models.trans_blstm import TransBLSTMEncoder
-from fusion.models.vit import Freeze, ViTEncoder, cls_and_mean
+from fusion.models.vit import VIT_NAME, Freeze, ViTEncoder, cls_and_mean
 
 FusionKind = Literal["none", "concat", "msift", "mbt"]
 SeriesKind = Literal["bilstm", "trans_blstm"]
@@ -101,7 +101,7 @@ class NetConfig:
     image: bool = True
     series: bool = True
     fusion: FusionKind = "mbt"
-    vit_name: str = "vit_small_patch14_dinov2"
+    vit_name: str = VIT_NAME
     vit_weights: str | None = "hub"
     freeze: Freeze = "all"
     token_grid: int | None = 4
@@ -151,7 +151,7 @@ class FusionClassifier(nn.Module):
         image: bool = True,
         series: bool = True,
         fusion: FusionKind = "mbt",
-        vit_name: str = "vit_small_patch14_dinov2",
+        vit_name: str = VIT_NAME,
         vit_weights: str | None = "hub",
         img_size: int = 224,
         freeze: Freeze = "all",
