@@ -1,8 +1,8 @@
 """The ``fusion`` command line.
 
-- ``fusion fit|validate|test --config configs/NAME.yaml``: Lightning's CLI over
-  :class:`fusion.task.FusionTask` and :class:`fusion.data.datamodule.FusionDataModule`
-  (:mod:`fusion.training`).
+- ``fusion fit|validate|test --config configs/base.yaml --config configs/variants/NAME.yaml``:
+  Lightning's CLI over :class:`fusion.task.FusionTask` and
+  :class:`fusion.data.datamodule.FusionDataModule` (:mod:`fusion.training`).
 - ``fusion predict --ckpt_path MODEL.ckpt (--manifest CSV | --raster TIF --regions GPKG)
   --output FILE``: a trained model on new places (:mod:`fusion.predict`).
 - ``fusion data inspect --manifest FILE``: what a manifest holds, as tables and a gallery.
@@ -20,6 +20,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fusion.data.series import KEY_COLUMN, MIN_PRESENT, TIME_COLUMN
+from fusion.data.tiles import MIN_VALID
 from fusion.errors import InputError, InputErrors
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -35,11 +37,11 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="CSV of samples")
     p.add_argument("--series", help="activity table (default: the bundle's beside the manifest)")
     p.add_argument("--image-root", help="folder that relative image paths start from")
-    p.add_argument("--key-column", default="sensor_id")
-    p.add_argument("--time-column", default="timestamp")
+    p.add_argument("--key-column", default=KEY_COLUMN)
+    p.add_argument("--time-column", default=TIME_COLUMN)
     p.add_argument("--value-columns", nargs="+", default=["count"])
     p.add_argument("--timezone", help="IANA zone for naive timestamps")
-    p.add_argument("--min-present", type=float, default=0.5)
+    p.add_argument("--min-present", type=float, default=MIN_PRESENT)
     p.add_argument("--split", choices=["manifest", "stratified", "place"], default="manifest")
     p.add_argument("--output", default="results/inspect", help="folder for gallery.png")
 
@@ -73,8 +75,9 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-valid",
         type=float,
-        default=0.5,
-        help="least share of a tile or region with data for its image to be used (default 0.5)",
+        default=MIN_VALID,
+        help="least share of a tile or region with data for its image to be used "
+        f"(default {MIN_VALID})",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
@@ -191,14 +194,21 @@ def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
         parents=[common],
         help="cross-validate each MBT fusion depth on held-out places",
     )
-    p.add_argument("--config", required=True, type=Path)
+    p.add_argument(
+        "--config", required=True, help="a variant (configs/variants/NAME.yaml) or a YAML path"
+    )
     p.add_argument("--depths", nargs="+", default=["early", "mid", "late"])
     p = sub.add_parser(
         "compare",
         parents=[common],
         help="cross-validate models on held-out places, against a baseline and image-only model",
     )
-    p.add_argument("--configs", nargs="+", required=True, help="names in configs/ or YAML paths")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        required=True,
+        help="variants (configs/variants/NAME.yaml, read over configs/base.yaml) or YAML paths",
+    )
     p.add_argument("--baseline", default="bilstm", help="series-only baseline (always run)")
     p.add_argument("--reference", default="vit", help="image-only model compared with (if run)")
     p = sub.add_parser("report", help="write the README's Results section from result folders")

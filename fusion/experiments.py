@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from fusion.calibration import calibration_errors, expected_calibration_error
+from fusion.configs import CONFIG_DIR, config_args, config_files
 from fusion.io import atomic_path
 from fusion.metrics import SCALARS, confusion_matrix, draw_confusion, macro_f1, scores
 from fusion.plots import save_figure
@@ -52,12 +53,13 @@ LINEAR_PROBE = "linear_probe"
 
 @dataclass
 class RunSpec:
-    """One training run: a config, CLI overrides (``--key value`` pairs) and its place in the
-    cross-validation (``repeat`` seeds the folds, inner split, order and initialisation).
-    ``kind``: ``"lightning"`` (train the config's model) or ``"linear_probe"`` (a logistic
-    regression on the frozen ViT features of the config's data, :mod:`fusion.linear_probe`)."""
+    """One training run: config files (read in order), CLI overrides (``--key value`` pairs)
+    and its place in the cross-validation (``repeat`` seeds the folds, inner split, order and
+    initialisation). ``kind``: ``"lightning"`` (train the config's model) or ``"linear_probe"``
+    (a logistic regression on the frozen ViT features of the config's data,
+    :mod:`fusion.linear_probe`)."""
 
-    config: Path
+    configs: Sequence[Path]
     repeat: int
     fold: int
     folds: int
@@ -97,14 +99,13 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True)
     start = time.perf_counter()
     args = [
-        "--config", str(spec.config), *spec.overrides,
+        *config_args(spec.configs), *spec.overrides,
         "--data.folds", str(spec.folds),
         "--data.fold", str(spec.fold),
         "--data.seed", str(spec.repeat),
         "--seed_everything", str(spec.repeat),
-        "--trainer.default_root_dir", str(folder),
+        "--trainer.default_root_dir", str(folder),  # checkpoints in folder/checkpoints
         "--trainer.logger", "false",
-        "--trainer.callbacks.dirpath", str(folder / "checkpoints"),
     ]  # fmt: skip
     cli = build_cli(args, run=False)
     setup_seconds = time.perf_counter() - start  # the data checked, windows and tiles read
@@ -122,7 +123,7 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
     confusion = confusion_matrix(labels, preds, len(classes))
     values = scores(confusion)
     result = {
-        "config": str(spec.config),
+        "config": " + ".join(str(path) for path in spec.configs),
         "kind": spec.kind,
         "repeat": spec.repeat,
         "fold": spec.fold,
@@ -263,11 +264,11 @@ def _write_atomic(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------- running
 @dataclass
 class Setting:
-    """A named thing to cross-validate: a config and the overrides that make it this setting
-    (``kind`` as in :class:`RunSpec`)."""
+    """A named thing to cross-validate: config files and the overrides that make it this
+    setting (``kind`` as in :class:`RunSpec`)."""
 
     name: str
-    config: Path
+    configs: Sequence[Path]
     overrides: list[str] = field(default_factory=list)
     kind: str = "lightning"
 
@@ -282,7 +283,9 @@ def cross_validate(
     for setting in settings:
         for repeat in range(repeats):
             for fold in range(folds):
-                spec = RunSpec(setting.config, repeat, fold, folds, setting.overrides, setting.kind)
+                spec = RunSpec(
+                    setting.configs, repeat, fold, folds, setting.overrides, setting.kind
+                )
                 folder = output / "runs" / setting.name / f"repeat{repeat}-fold{fold}"
                 result = run_once(spec, folder)
                 rows.append({"setting": setting.name, **result})
@@ -632,18 +635,20 @@ def _report(
 
 # ---------------------------------------------------------------------- the two experiments
 def ablate(
-    config: Path,
+    config: str | Path,
     depths: Sequence[str],
     folds: int,
     repeats: int,
     output: Path,
     overrides: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Cross-validate each MBT fusion depth (``--model.net.fusion_layer``)."""
+    """Cross-validate each MBT fusion depth (``--model.net.fusion_layer``) of ``config`` (a
+    variant's name, or a YAML file read over the base config: :func:`config_files`)."""
+    files = config_files(config)
     settings = [
-        Setting(depth, config, [*overrides, "--model.net.fusion_layer", depth]) for depth in depths
+        Setting(depth, files, [*overrides, "--model.net.fusion_layer", depth]) for depth in depths
     ]
-    title = f"Fusion-depth ablation ({config.name})"
+    title = f"Fusion-depth ablation ({Path(config).stem})"
     return _report(settings, folds, repeats, output, title)
 
 
@@ -654,23 +659,24 @@ def compare(
     output: Path,
     baseline: str = "bilstm",
     reference: str = "vit",
-    config_dir: Path = Path("configs"),
+    config_dir: Path = CONFIG_DIR,
     overrides: Sequence[str] = (),
     n_boot: int = 2000,
 ) -> pd.DataFrame:
-    """Cross-validate each config; each against ``baseline`` and the image-only ``reference``.
+    """Cross-validate each config (a variant's name, or a YAML file read over the base config:
+    :func:`config_files`); each against ``baseline`` and the image-only ``reference``.
 
-    The name ``linear_probe`` is the logistic regression on the frozen ViT features of
-    ``vit.yaml``'s data (:mod:`fusion.linear_probe`), the bar every image branch must clear.
+    The name ``linear_probe`` is the logistic regression on the frozen ViT features of the
+    ``vit`` variant's data (:mod:`fusion.linear_probe`), the bar every image branch must clear.
     """
     names = [baseline, *[c for c in configs if c != baseline]]
     settings = []
     for name in names:
         if name == LINEAR_PROBE:
-            settings.append(Setting(name, config_dir / "vit.yaml", list(overrides), LINEAR_PROBE))
+            files = config_files("vit", config_dir)
+            settings.append(Setting(name, files, list(overrides), LINEAR_PROBE))
             continue
-        config = Path(name) if name.endswith(".yaml") else config_dir / f"{name}.yaml"
-        settings.append(Setting(Path(name).stem, config, list(overrides)))
+        settings.append(Setting(Path(name).stem, config_files(name, config_dir), list(overrides)))
     refs = [Path(baseline).stem, Path(reference).stem]
     return _report(settings, folds, repeats, output, "Model comparison", refs, n_boot)
 

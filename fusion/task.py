@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from fusion.calibration import (
 )
 from fusion.data.contract import DataContract
 from fusion.metrics import SCALARS, ClassificationScores, plot_confusion
-from fusion.models.classifier import FusionClassifier
+from fusion.models.classifier import FusionClassifier, NetConfig
 from fusion.models.experts import pool_experts
 
 Batch = dict[str, Tensor]
@@ -108,7 +108,9 @@ class FusionTask(L.LightningModule):
         data_info: the data's :class:`~fusion.data.contract.DataContract` as a dict (classes,
             class weights, band statistics, bands, tile size, window and series settings), from
             :meth:`FusionDataModule.contract`; linked automatically by the CLI.
-        net: keyword arguments of :class:`FusionClassifier` (everything but the data facts).
+        net: the network's settings (:class:`NetConfig`; a dict of its fields, such as a
+            checkpoint's, is accepted too). Saved as a plain dict, so that a checkpoint loads
+            with ``torch.load(weights_only=True)``.
         lr: learning rate of the new layers; ``head_lr`` of the classification heads (default:
             ``lr``); ``backbone_lr`` of a trainable ViT, with ``layer_decay`` per block below the
             top.
@@ -137,7 +139,7 @@ class FusionTask(L.LightningModule):
     def __init__(
         self,
         data_info: dict[str, Any] | None = None,
-        net: dict[str, Any] | None = None,
+        net: NetConfig = NetConfig(),  # noqa: B008 (frozen: one shared default is safe)
         lr: float = 1e-3,
         head_lr: float | None = None,
         series_weight_decay: float | None = None,
@@ -152,6 +154,7 @@ class FusionTask(L.LightningModule):
         super().__init__()
         if data_info is None:
             raise ValueError("data_info is required (the CLI links it from the datamodule)")
+        net = asdict(NetConfig.of(net))  # what save_hyperparameters records (data only)
         self.save_hyperparameters()
         self.contract = DataContract.from_dict(data_info)
         self.classes: list[str] = list(self.contract.classes)
@@ -166,14 +169,13 @@ class FusionTask(L.LightningModule):
     # ------------------------------------------------------------------ configuration hooks
     def configure_models(self) -> None:
         data = self.contract
-        net = dict(self.hparams.net or {})
         self.net = FusionClassifier(
             num_classes=len(self.classes),
             in_chans=data.in_chans,
             n_features=data.n_features,
             n_counts=len(data.value_columns),
             img_size=data.image_size,
-            **net,
+            **asdict(NetConfig.of(self.hparams.net)),
         )
 
     def configure_losses(self) -> None:

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from fusion.calibration import fit_view_weights
 from fusion.callbacks import FrozenImageTokens
@@ -19,7 +22,13 @@ from fusion.task import FusionTask
 
 class FusionCLI(LightningCLI):
     """``fusion fit|validate|test``. ``argv``: the arguments parsed (with the subcommand when
-    ``run``); a fit with ``--refit true`` trains its second stage from them (:func:`refit`)."""
+    ``run``); a fit with ``--refit true`` trains its second stage from them (:func:`refit`).
+
+    A run's files go under ``trainer.default_root_dir`` (``ROOT``, default the working folder)
+    unless the settings give their own logger or callbacks of the kind: metrics in
+    ``ROOT/logs/version_N/`` (CSV and TensorBoard), the last epoch's weights in
+    ``ROOT/checkpoints/last.ckpt``; and a rich progress bar.
+    """
 
     def __init__(self, argv: list[str], run: bool = True) -> None:
         self.argv = argv
@@ -58,10 +67,35 @@ class FusionCLI(LightningCLI):
         parser.set_defaults(weights_only=True)
         return parser
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # What the settings leave unset is derived from the run folder, so a variant's config
+        # names it once (default_root_dir) and a config read over another keeps its files.
+        root = str(config["default_root_dir"] or os.getcwd())
+        if config["logger"] is None:  # unset; False turns logging off
+            config["logger"] = [CSVLogger(root, name="logs"), TensorBoardLogger(root, name="logs")]
+        given = config["callbacks"] or []
+        given = given if isinstance(given, list) else [given]
+        derived: list[Callback] = []
+        if config["enable_progress_bar"] is not False and not _has(given, ProgressBar):
+            derived.append(RichProgressBar())
+        if config["enable_checkpointing"] is not False and not _has(given, ModelCheckpoint):
+            # A fixed epoch budget: the model is the last epoch's; a new run replaces its file.
+            derived.append(
+                ModelCheckpoint(
+                    dirpath=Path(root, "checkpoints"), filename="last", enable_version_counter=False
+                )
+            )
+        config["callbacks"] = [*derived, *given]
+        return super()._instantiate_trainer(config, callbacks)
+
     def after_fit(self) -> None:
         config = self.config["fit"]
         if config["refit"]:
             refit(self.argv[1:], self.trainer, self.model, config["data"]["inner_folds"])
+
+
+def _has(callbacks: list[Callback], kind: type[Callback]) -> bool:
+    return any(isinstance(c, kind) for c in callbacks)
 
 
 def build_cli(argv: list[str], run: bool = True) -> FusionCLI:

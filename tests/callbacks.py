@@ -1,9 +1,10 @@
 """Callbacks for tests that drive the real CLI in a subprocess.
 
-Append one to a config's callbacks with jsonargparse's ``+=`` (after any
-``--trainer.callbacks.<arg>`` meant for the config's own callbacks, which act on the last one)::
+Append one to the run's callbacks with jsonargparse's ``+=``; the ``--trainer.callbacks.<arg>``
+after it set its arguments (the run's checkpoint callback and progress bar are added all the
+same, :class:`fusion.training.FusionCLI`)::
 
-    fusion fit --config configs/mbt_mid.yaml ... \\
+    fusion fit --config configs/base.yaml --config configs/variants/mbt_mid.yaml ... \\
         --trainer.callbacks+=tests.callbacks.KillAt \\
         --trainer.callbacks.epoch 1 --trainer.callbacks.batch 2
 """

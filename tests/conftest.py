@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fusion.configs import config_args, config_files
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSION_SHARED", REPO.parent / "shared")).resolve()
 DATA = SHARED / "data"
@@ -29,6 +31,11 @@ def vit_weights() -> Path:
 
 
 IMAGE_SIZE = 56  # 4x4 patches of 14 px: the real pretrained ViT, cheap on a CPU
+
+
+def config(name: str) -> list[str]:
+    """``--config configs/base.yaml --config configs/variants/NAME.yaml``."""
+    return config_args(config_files(name))
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +72,7 @@ class TrainedRun:
     """A small MBT model fitted (2 epochs) and tested through the CLI on the real benchmark."""
 
     root: Path  # trainer folder: predictions_test.csv, confusion_test.png
-    ckpt: Path  # best checkpoint
+    ckpt: Path  # root/checkpoints/last.ckpt
     args: list[str]  # the settings fit and test ran with (after the subcommand)
     cache: Path
 
@@ -79,7 +86,7 @@ def trained_run(
     root = tmp_path_factory.mktemp("run")
     cache = root / "cache"
     args = [
-        "--config", "configs/mbt_mid.yaml",
+        *config("mbt_mid"),
         "--data.manifest", str(small_manifest),
         "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
         "--data.split", "manifest",
@@ -89,9 +96,8 @@ def trained_run(
         "--model.net.token_grid", "2",
         "--trainer.default_root_dir", str(root),
         "--trainer.logger", "false",
-        "--trainer.callbacks.dirpath", str(root / "ckpt"),  # the config's ModelCheckpoint
     ]  # fmt: skip
     assert main(["fit", *args, "--trainer.max_epochs", "2"]) == 0
-    ckpt = root / "ckpt" / "last.ckpt"
+    ckpt = root / "checkpoints" / "last.ckpt"
     assert main(["test", *args, "--ckpt_path", str(ckpt)]) == 0
     return TrainedRun(root=root, ckpt=ckpt, args=args, cache=cache)

@@ -85,7 +85,7 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
 
 def test_ablate_cross_validates_each_depth(overrides, tmp_path) -> None:
     out = tmp_path / "ablation"
-    argv = ["ablate", "--config", "configs/mbt_mid.yaml", "--depths", "early", "late",
+    argv = ["ablate", "--config", "mbt_mid", "--depths", "early", "late",
             "--folds", "2", "--repeats", "1", "--output", str(out), "--", *overrides]  # fmt: skip
     assert main(argv) == 0
     results = pd.read_csv(out / "results.csv")

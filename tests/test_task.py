@@ -17,7 +17,7 @@ from fusion.data.datamodule import FusionDataModule
 from fusion.data.tokens import encode_tiles
 from fusion.task import FusionTask
 from fusion.training import build_cli
-from tests.conftest import IMAGE_SIZE, TrainedRun
+from tests.conftest import IMAGE_SIZE, TrainedRun, config
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_cli_refuses_checkpoints_with_pickled_code(
     bad = tmp_path / "bad.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, bad)
     with pytest.raises(Exception, match=r"[Ww]eights only load failed|Unsupported global"):
-        main(["test", "--config", "configs/bilstm.yaml", "--ckpt_path", str(bad),
+        main(["test", *config("bilstm"), "--ckpt_path", str(bad),
               "--data.manifest", str(small_manifest), "--data.split", "manifest",
               "--data.series", str(shared_data / "footfall" / "counts.csv.gz"),
               "--data.cache_dir", str(tmp_path), "--trainer.logger", "false"])  # fmt: skip
@@ -158,18 +158,17 @@ def test_computing_image_tokens_leaves_the_global_rng_alone(dm, vit_weights) -> 
     assert torch.equal(torch.rand(3), expected)
 
 
-def _refit_argv(config: str, data: list[str], vit_weights: Path, tmp_path: Path) -> list[str]:
-    """``fusion fit --refit true`` of ``config`` on ``data`` settings, small and quick: every
+def _refit_argv(variant: str, data: list[str], vit_weights: Path, tmp_path: Path) -> list[str]:
+    """``fusion fit --refit true`` of ``variant`` on ``data`` settings, small and quick: every
     stage's train/val rows and head weights recorded to ``tmp_path/rows.jsonl``, checkpoints in
-    ``tmp_path/ckpt``, the token cache in ``tmp_path/cache``."""
+    ``tmp_path/checkpoints``, the token cache in ``tmp_path/cache``."""
     return [
-        "fit", "--config", config, "--refit", "true", *data,
+        "fit", *config(variant), "--refit", "true", *data,
         "--model.net.vit_weights", str(vit_weights),
         "--model.net.token_grid", "2",
         "--trainer.max_epochs", "2",
         "--trainer.logger", "false",
         "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
         "--trainer.callbacks+=tests.callbacks.RecordRows",
         "--trainer.callbacks.path", str(tmp_path / "rows.jsonl"),
     ]  # fmt: skip
@@ -186,10 +185,10 @@ def test_heads_are_weighed_on_held_out_places_and_the_refit_trains_on_all_but_th
         "--data.image_size", str(IMAGE_SIZE),
         "--data.cache_dir", str(cache),
     ]  # fmt: skip
-    assert main(_refit_argv("configs/mbt_mid.yaml", data, vit_weights, tmp_path)) == 0
+    assert main(_refit_argv("mbt_mid", data, vit_weights, tmp_path)) == 0
     stage1, stage2 = (json.loads(line) for line in record.read_text().splitlines())
     # The same folds and inner split as the run's, rebuilt from its settings.
-    cli = build_cli(["--config", "configs/mbt_mid.yaml", *data], run=False)
+    cli = build_cli([*config("mbt_mid"), *data], run=False)
     dm = cli.datamodule
     rows = {n: set(np.flatnonzero(dm.splits == n).tolist()) for n in ("train", "val", "test")}
     assert (
@@ -199,11 +198,13 @@ def test_heads_are_weighed_on_held_out_places_and_the_refit_trains_on_all_but_th
     # weights stage 1 fitted on its val places.
     assert set(stage2["train"]) == rows["train"] | rows["val"] and not stage2["val"]
     assert stage2["weights"] == stage1["weights"] and stage2["temperature"] == stage1["temperature"]
-    final = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    final = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu"
+    )
     assert final["state_dict"]["net.view_weights"].tolist() == stage1["weights"]
     # Those weights are what the val rows' heads ask for: refitting them there gives them back.
     task = FusionTask.load_from_checkpoint(
-        tmp_path / "ckpt" / "heldout" / "last.ckpt", weights_only=True, map_location="cpu"
+        tmp_path / "checkpoints" / "heldout" / "last.ckpt", weights_only=True, map_location="cpu"
     ).eval()
     heads, labels = task.held_out_heads(dm.val_dataloader())
     weights = torch.tensor(fit_view_weights(heads.unbind(dim=1), labels))
@@ -222,9 +223,9 @@ def test_cross_fitted_weights_come_from_models_that_never_saw_the_rows_places(
         "--data.image_size", str(IMAGE_SIZE),
         "--data.cache_dir", str(cache),
     ]  # fmt: skip
-    assert main(_refit_argv("configs/concat.yaml", data, vit_weights, tmp_path)) == 0
+    assert main(_refit_argv("concat", data, vit_weights, tmp_path)) == 0
     first, second, final = (json.loads(line) for line in record.read_text().splitlines())
-    dms = [build_cli(["--config", "configs/concat.yaml", *data, "--data.inner_fold", str(k)],
+    dms = [build_cli([*config("concat"), *data, "--data.inner_fold", str(k)],
                      run=False).datamodule for k in (0, 1)]  # fmt: skip
     test = set(np.flatnonzero(dms[0].splits == "test").tolist())
     # Each inner model is scored on places it never trained on; together they score every
@@ -239,7 +240,7 @@ def test_cross_fitted_weights_come_from_models_that_never_saw_the_rows_places(
     heads, labels = [], []
     for path, dm in zip(("last.ckpt", "inner1/last.ckpt"), dms, strict=True):
         task = FusionTask.load_from_checkpoint(
-            tmp_path / "ckpt" / "heldout" / path, weights_only=True, map_location="cpu"
+            tmp_path / "checkpoints" / "heldout" / path, weights_only=True, map_location="cpu"
         )
         h, y = task.held_out_heads(dm.val_dataloader())
         heads.append(h)

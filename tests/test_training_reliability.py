@@ -1,6 +1,6 @@
 """Training through the real CLI is reproducible, resumable and runs under DDP.
 
-Every run is ``python -m fusion.cli fit --config configs/mbt_mid.yaml`` in a subprocess, on the
+Every run is ``python -m fusion.cli fit`` of the ``mbt_mid`` variant in a subprocess, on the
 small slice of the real benchmark (image size 56, token grid 2, a narrow fusion module so that a
 run takes seconds), 3 epochs of 2 batches:
 
@@ -29,7 +29,7 @@ import torch
 from fusion.calibration import fit_view_weights
 from fusion.task import FusionTask
 from fusion.training import build_cli
-from tests.conftest import IMAGE_SIZE
+from tests.conftest import IMAGE_SIZE, config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds per CLI run (about 10-30 s each on 2 idle cores)
@@ -42,7 +42,8 @@ class Runner:
     env: dict[str, str]
 
     def __call__(self, command: str, root: Path, *extra: str, logs: bool = True):
-        """``fusion COMMAND`` with the shared settings; trainer folder and checkpoints in ``root``.
+        """``fusion COMMAND`` with the shared settings; trainer folder ``root``, checkpoints in
+        ``root/checkpoints``.
 
         ``logs``: per-step and per-epoch metrics to ``root/logs/version_N/metrics.csv``.
         """
@@ -56,8 +57,7 @@ class Runner:
             sys.executable, "-m", "fusion.cli", command, *self.args,
             "--trainer.default_root_dir", str(root),
             "--trainer.logger", logger,
-            "--trainer.callbacks.dirpath", str(root / "ckpt"),  # the config's ModelCheckpoint
-            *extra,  # after dirpath: an appended callback takes the later callbacks.* settings
+            *extra,
         ]  # fmt: skip
         return subprocess.run(
             argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=TIMEOUT
@@ -91,7 +91,7 @@ def fusion(small_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path_
     tmp = tmp_path_factory.mktemp("reliability")
     cache = tmp / "cache"  # series windows and ViT tokens, shared by the runs
     args = [
-        "--config", "configs/mbt_mid.yaml",
+        *config("mbt_mid"),
         "--refit", "false",  # one stage: these tests are about a fit, resumed or distributed
         "--seed_everything", "0",
         "--data.manifest", str(small_manifest),
@@ -120,7 +120,8 @@ def fusion(small_manifest: Path, shared_data: Path, vit_weights: Path, tmp_path_
 
 @pytest.fixture(scope="module")
 def uninterrupted(fusion: Runner, tmp_path_factory) -> Path:
-    """Trainer folder of a full run (cold caches): ``ckpt/last.ckpt``, ``logs/.../metrics.csv``."""
+    """Trainer folder of a full run (cold caches): ``checkpoints/last.ckpt``,
+    ``logs/.../metrics.csv``."""
     root = tmp_path_factory.mktemp("uninterrupted")
     check(fusion("fit", root))
     return root
@@ -132,7 +133,9 @@ def test_same_seed_same_metrics_and_weights(fusion: Runner, uninterrupted: Path,
     assert set(first["epoch"]) == set(range(EPOCHS))
     assert {"train/loss", "val/macro_f1", "val/temperature"} <= set(first["metric"])
     pd.testing.assert_frame_equal(first, second, check_exact=True)
-    assert_same_weights(uninterrupted / "ckpt" / "last.ckpt", tmp_path / "ckpt" / "last.ckpt")
+    assert_same_weights(
+        uninterrupted / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "last.ckpt"
+    )
 
 
 def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(
@@ -143,7 +146,7 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(
         "--trainer.callbacks.epoch", "1", "--trainer.callbacks.batch", "1",
     )  # fmt: skip
     check(killed, -signal.SIGKILL)  # in the middle of the second epoch
-    last = tmp_path / "ckpt" / "last.ckpt"
+    last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True, map_location="cpu")["epoch"] == 0
     for log in (tmp_path / "logs").glob("version_*"):
         log.rename(tmp_path / f"killed-{log.name}")  # keep only the resumed run's metrics
@@ -154,14 +157,14 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(
     expected = metrics(uninterrupted)
     expected = expected[expected["epoch"] >= 1].reset_index(drop=True)
     pd.testing.assert_frame_equal(resumed, expected, check_exact=True)
-    assert_same_weights(uninterrupted / "ckpt" / "last.ckpt", last)
+    assert_same_weights(uninterrupted / "checkpoints" / "last.ckpt", last)
 
 
 def test_ddp_two_processes_on_cpu(fusion: Runner, uninterrupted: Path, tmp_path: Path) -> None:
     # ``uninterrupted`` first: the caches are warm, so the two processes only read them.
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     check(fusion("fit", tmp_path, *ddp, "--trainer.max_epochs", "2", logs=False))
-    last = tmp_path / "ckpt" / "last.ckpt"
+    last = tmp_path / "checkpoints" / "last.ckpt"
     temperature = float(weights(last)["temperature"])
     assert math.isfinite(temperature) and temperature > 0
 

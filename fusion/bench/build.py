@@ -14,7 +14,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from fusion.configs import CHECKOUT_CONFIGS, config_files, net_config, variant_names
 from fusion.data.series import CALENDAR_FEATURES
-from fusion.models.classifier import FusionClassifier
+from fusion.models.classifier import FusionClassifier, NetConfig
+from fusion.models.vit import VIT_NAME
 
-VIT_NAME = "vit_small_patch14_dinov2"
 TIMM_VIT = "timm_vit"  # the bare timm backbone: the floor of every ratio
 NUM_CLASSES = 8
 N_COUNTS = 1
@@ -33,18 +34,12 @@ N_FEATURES = N_COUNTS + len(CALENDAR_FEATURES)  # one count channel + the calend
 TARGET_RATIO = 0.85  # fusion inference throughput over the bare ViT's
 SERIES_ENCODERS = ("bilstm", "trans_blstm")
 
-# The configs' shared network settings (configs/*.yaml) and each fusion variant's own.
-_SHARED: dict[str, Any] = {
-    "num_classes": NUM_CLASSES, "n_features": N_FEATURES, "n_counts": N_COUNTS,
-    "vit_name": VIT_NAME, "freeze": "all", "token_grid": 4,
-}  # fmt: skip
-_FUSIONS: dict[str, dict[str, Any]] = {
-    "concat": {"fusion": "concat"},
-    "msift": {"fusion": "msift", "fusion_depth": 2},
-    "mbt_early": {"fusion": "mbt", "fusion_layer": "early", "fusion_depth": 4},
-    "mbt_mid": {"fusion": "mbt", "fusion_layer": "mid", "fusion_depth": 4},
-    "mbt_late": {"fusion": "mbt", "fusion_layer": "late", "fusion_depth": 4},
-}
+# The bench's rows, each a variant of the configs (configs/base.yaml + configs/variants/NAME.yaml):
+# the single-view models, then each fusion with the BiLSTM and with TRANS-BLSTM (its own config,
+# NAME_trans_blstm, where there is one; else NAME's settings with this series encoder).
+SINGLE_VIEW = ("vit", "bilstm")
+FUSIONS = ("concat", "msift", "mbt_early", "mbt_mid", "mbt_late")
+TRANS_BLSTM: dict[str, Any] = {"series_encoder": "trans_blstm", "trans_blstm_variant": 1}
 
 
 def default_weights() -> str | None:
@@ -97,23 +92,35 @@ def quick_settings(settings: BenchSettings) -> BenchSettings:
     )  # fmt: skip
 
 
+@functools.cache
 def variants() -> dict[str, dict[str, Any]]:
     """Variant name → :class:`FusionClassifier` keyword arguments (all but ``vit_weights`` and
-    ``img_size``, which come from :class:`BenchSettings`).
+    ``img_size``, which come from :class:`BenchSettings`), read once from the checkout's configs
+    (``model.net``, :func:`fusion.configs.net_config`): the bench measures the networks the
+    configs train.
 
     ``vit`` (image only), ``bilstm`` (series only), then each fusion variant with the BiLSTM
-    (``mbt_mid``) and with TRANS-BLSTM variant 1 (``mbt_mid+trans_blstm``). The bare timm ViT,
+    (``mbt_mid``) and with TRANS-BLSTM (``mbt_mid+trans_blstm``). The bare timm ViT,
     :data:`TIMM_VIT`, is not a :class:`FusionClassifier` and is not listed here.
     """
-    out: dict[str, dict[str, Any]] = {
-        "vit": {**_SHARED, "series": False, "fusion": "none"},
-        "bilstm": {**_SHARED, "image": False, "fusion": "none", "series_encoder": "bilstm"},
-    }
-    for name, kwargs in _FUSIONS.items():
-        out[name] = {**_SHARED, **kwargs, "series_encoder": "bilstm"}
-        out[f"{name}+trans_blstm"] = {
-            **_SHARED, **kwargs, "series_encoder": "trans_blstm", "trans_blstm_variant": 1,
-        }  # fmt: skip
+    configs = set(variant_names(CHECKOUT_CONFIGS))
+
+    def net(name: str) -> NetConfig:
+        return net_config(config_files(name, CHECKOUT_CONFIGS))
+
+    def kwargs(config: NetConfig) -> dict[str, Any]:
+        settings = {k: v for k, v in asdict(config).items() if k != "vit_weights"}
+        return {**settings, "num_classes": NUM_CLASSES, "n_features": N_FEATURES,
+                "n_counts": N_COUNTS}  # fmt: skip
+
+    out = {name: kwargs(net(name)) for name in SINGLE_VIEW}
+    for name in FUSIONS:
+        config = net(name)
+        out[name] = kwargs(config)
+        trans = f"{name}_trans_blstm"
+        out[f"{name}+trans_blstm"] = kwargs(
+            net(trans) if trans in configs else replace(config, **TRANS_BLSTM)
+        )
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from fusion.data.datamodule import FusionDataModule
-from fusion.data.series import SeriesTable
+from fusion.data.series import KEY_COLUMN, SeriesTable
 from fusion.io import atomic_path
 
 
@@ -52,7 +52,7 @@ def _read(path: str, key: str, queue: mp.Queue) -> None:
     queue.put({"rows": table.n_rows, "seconds": seconds, "peak_mib": peak_mib})
 
 
-def measure_read(path: str | os.PathLike[str], key: str = "sensor_id") -> dict[str, float]:
+def measure_read(path: str | os.PathLike[str], key: str = KEY_COLUMN) -> dict[str, float]:
     """Read ``path`` in a fresh process: rows, seconds, rows/s, peak RSS and file size (MiB)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -112,7 +112,7 @@ def run_data_bench(
     if rows > 0:
         with tempfile.TemporaryDirectory() as folder:
             table = Path(folder) / "counts.csv"
-            repeat_table(series, table, rows, key="sensor_id")
+            repeat_table(series, table, rows, key=KEY_COLUMN)
             read = measure_read(table)
         records += [
             {"measure": "series table read: rows", "value": read["rows"]},

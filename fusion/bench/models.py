@@ -9,13 +9,14 @@ length for every row) on one machine:
 - every fusion variant (``concat``, ``msift``, ``mbt_early``, ``mbt_mid``, ``mbt_late``) with the
   BiLSTM and with the TRANS-BLSTM series encoder (``mbt_mid+trans_blstm``, ...).
 
-All rows use the configs' setting: frozen ViT (``freeze="all"``), patch tokens pooled to a 4 x 4
-grid. *Inference* is a ``torch.inference_mode`` forward of a full batch (image through the ViT,
-series through its encoder, fusion, head). A *training step* is forward + backward + an AdamW step
-on the trainable parameters; the ViT runs in it (the configs' token cache, which skips the ViT
-when training, is not used, so the step is the uncached worst case). To compare like with like, the
-timm floor is trained the same way: its backbone is frozen (and kept in eval mode, as
-:class:`~fusion.models.vit.ViTEncoder` keeps a frozen backbone) and only its linear head learns.
+Every row's network is its config's (``configs/base.yaml`` + ``configs/variants/NAME.yaml``,
+:func:`variants`), so the bench measures what the configs train. *Inference* is a
+``torch.inference_mode`` forward of a full batch (image through the ViT, series through its encoder,
+fusion, heads). A *training step* is forward + backward + an AdamW step on the trainable parameters;
+the ViT runs in it (the configs' token cache, which skips the ViT when training, is not used, so the
+step is the uncached worst case). To compare like with like, the timm floor is trained the same way:
+its backbone is frozen (and kept in eval mode, as :class:`~fusion.models.vit.ViTEncoder` keeps a
+frozen backbone) and only its linear head learns.
 
 Throughput is samples/s from the median over ``repeats`` timed calls, after ``warmup`` untimed
 ones; the rows are interleaved call by call (round-robin), so a burst of load from another process
@@ -252,7 +253,7 @@ def _run_models(settings: BenchSettings) -> pd.DataFrame:
         rows.append(
             {
                 "variant": name,
-                "series_encoder": spec.get("series_encoder", "none"),
+                "series_encoder": spec["series_encoder"] if spec.get("series") else "none",
                 "fusion": spec.get("fusion", "none"),
                 "infer_sps": settings.batch_size / infer[name],
                 "train_sps": settings.batch_size / train[name],

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from fusion.data.series import CALENDAR_FEATURES, KEY_COLUMN, TIME_COLUMN
+from fusion.data.series import CALENDAR_FEATURES, KEY_COLUMN, MIN_PRESENT, TIME_COLUMN
 from fusion.data.tiles import BandStats
 
 
@@ -33,7 +33,7 @@ class DataContract:
     time_column: str = TIME_COLUMN
     timezone: str | None = None
     log1p: bool = True
-    min_present: float = 0.5
+    min_present: float = MIN_PRESENT
     dtype: str | None = None
     class_weights: tuple[float, ...] | None = None
 

@@ -32,7 +32,13 @@ from fusion.data.manifest import (
     resolve_image_root,
 )
 from fusion.data.samples import SeriesArrays, build_series_windows, label_indices, scan_tiles
-from fusion.data.series import CALENDAR_FEATURES, KEY_COLUMN, TIME_COLUMN, SeriesTable
+from fusion.data.series import (
+    CALENDAR_FEATURES,
+    KEY_COLUMN,
+    MIN_PRESENT,
+    TIME_COLUMN,
+    SeriesTable,
+)
 from fusion.data.splits import group_folds, group_split, single_group_labels, stratified_split
 from fusion.data.tiles import BandStats
 from fusion.data.tokens import Encode, cached_image_tokens
@@ -121,7 +127,7 @@ class FusionDataModule(L.LightningDataModule):
         value_columns: Sequence[str] = ("count",),
         timezone: str | None = None,
         log1p: bool = True,
-        min_present: float = 0.5,
+        min_present: float = MIN_PRESENT,
         image_size: int = 224,
         bands: Sequence[int] | None = None,
         nodata: float | None = None,

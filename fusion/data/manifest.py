@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from fusion.data.series import KEY_COLUMN
 from fusion.errors import InputError, InputErrors, header_hint
 
 SPLITS = ("train", "val", "test")
 LINE = "_line"
 
 
-def read_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -> pd.DataFrame:
+def read_manifest(path: str | PathLike[str], *, key_column: str = KEY_COLUMN) -> pd.DataFrame:
     """Load a manifest and raise :class:`InputErrors` listing every problem in its rows."""
     frame = load_manifest(path, key_column=key_column)
     problems = check_manifest(frame, Path(path), key_column=key_column)
@@ -30,7 +31,7 @@ def read_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -
     return frame
 
 
-def load_manifest(path: str | PathLike[str], *, key_column: str = "sensor_id") -> pd.DataFrame:
+def load_manifest(path: str | PathLike[str], *, key_column: str = KEY_COLUMN) -> pd.DataFrame:
     """Read a manifest's table: strings, ``hours`` as int (0 where not a number), and ``_line``.
 
     Raises :class:`InputError` only if the file is missing, empty, unreadable, lacks a column

@@ -49,10 +49,8 @@ from fusion.data.samples import (
     window_starts,
 )
 from fusion.data.series import SeriesTable, parse_start
-from fusion.data.tiles import Tile, prepare_tile, read_tile, tile_info
+from fusion.data.tiles import MIN_VALID, Tile, prepare_tile, read_tile, tile_info
 from fusion.errors import InputError, InputErrors
-
-MIN_VALID = 0.5  # least share of a place with data for its image to be used
 
 
 def _read_series(

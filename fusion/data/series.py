@@ -35,9 +35,11 @@ import pyarrow.parquet as pq
 
 from fusion.errors import InputError, header_hint
 
+KEY_COLUMN = "sensor_id"  # default column naming each row's series (place)
+TIME_COLUMN = "timestamp"  # default column of each row's hour
+MIN_PRESENT = 0.5  # default least share of a window's hours with a row, for it to be used
+
 CALENDAR_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
-KEY_COLUMN = "sensor_id"  # default column naming each series (activity table and manifest)
-TIME_COLUMN = "timestamp"  # default time column of the activity table
 
 _US_PER_MINUTE = 60_000_000
 _US_PER_HOUR = 60 * _US_PER_MINUTE

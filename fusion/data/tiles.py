@@ -25,6 +25,7 @@ from rasterio.windows import Window
 from fusion.errors import InputError
 
 GEOTIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+MIN_VALID = 0.5  # default least share of a tile (or region) with data for its image to be used
 PIL_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
 # PIL modes read as they are, with their numpy dtype; any other mode is converted to RGB(A).

@@ -19,7 +19,9 @@ the task. The image branch's pooled vector is its CLS token and its mean patch t
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +32,7 @@ from fusion.models.experts import ExpertHead, pool_experts
 from fusion.models.mbt import BottleneckFusion, fusion_layer_for
 from fusion.models.msift import MsIFTFusion
 from fusion.models.trans_blstm import TransBLSTMEncoder
-from fusion.models.vit import Freeze, ViTEncoder, cls_and_mean
+from fusion.models.vit import VIT_NAME, Freeze, ViTEncoder, cls_and_mean
 
 FusionKind = Literal["none", "concat", "msift", "mbt"]
 SeriesKind = Literal["bilstm", "trans_blstm"]
@@ -63,6 +65,69 @@ class MissingToken(nn.Module):
         return torch.where(present[:, None, None], tokens, self.token.to(tokens.dtype))
 
 
+@dataclass(frozen=True)
+class NetConfig:
+    """The network settings of a :class:`FusionClassifier` (every keyword argument but the
+    data facts ``num_classes``, ``in_chans``, ``n_features``, ``n_counts`` and ``img_size``).
+
+    Args:
+        image: use the image branch.
+        series: use the series branch.
+        fusion: ``none`` (one branch), ``concat``, ``msift`` or ``mbt`` (module docstring).
+        vit_name: timm name of the image backbone.
+        vit_weights: local weights file of the backbone, ``hub``, or null for random init.
+        freeze: ``all`` (frozen ViT), ``none`` (trained) or k (the first k blocks frozen).
+        token_grid: pool the patch tokens to a G x G grid (null keeps them all).
+        series_encoder: ``bilstm`` or ``trans_blstm``.
+        series_dim: width of the series encoder.
+        series_depth: LSTM layers, or transformer blocks of the TRANS-BLSTM.
+        trans_blstm_variant: TRANS-BLSTM variant (1 or 2, Huang et al. 2020).
+        patch_hours: hours per series token.
+        fusion_dim: width of the fusion module.
+        fusion_depth: layers of the fusion module.
+        fusion_heads: attention heads of the fusion module (and of the TRANS-BLSTM).
+        fusion_layer: MBT's first fused layer, or ``early`` / ``mid`` / ``late``.
+        n_bottlenecks: MBT bottleneck tokens.
+        dropout: dropout inside the new layers and before the heads.
+        experts: with a fusion module, add an image expert and a series expert head.
+        isolate_series: the series encoder learns from the series expert alone.
+
+    ``isolate_series``: the fusion reads the series tokens without sending gradients back, so
+    fitting the training places through the fusion cannot make the series features memorise
+    those places. ``vit_name``, ``vit_weights``, ``freeze``, ``token_grid``: see
+    :class:`~fusion.models.vit.ViTEncoder`.
+    """
+
+    image: bool = True
+    series: bool = True
+    fusion: FusionKind = "mbt"
+    vit_name: str = VIT_NAME
+    vit_weights: str | None = "hub"
+    freeze: Freeze = "all"
+    token_grid: int | None = 4
+    series_encoder: SeriesKind = "bilstm"
+    series_dim: int = 128
+    series_depth: int = 2
+    trans_blstm_variant: Literal[1, 2] = 1
+    patch_hours: int = 24
+    fusion_dim: int = 128
+    fusion_depth: int = 4
+    fusion_heads: int = 4
+    fusion_layer: int | Literal["early", "mid", "late"] = "mid"
+    n_bottlenecks: int = 4
+    dropout: float = 0.1
+    experts: bool = False
+    isolate_series: bool = False
+
+    @classmethod
+    def of(cls, net: NetConfig | Mapping[str, Any] | None) -> NetConfig:
+        """``net`` as a config: a config as is, a mapping of its fields (a checkpoint's saved
+        settings; unknown keys are an error), or ``None`` for the defaults."""
+        if net is None:
+            return cls()
+        return net if isinstance(net, NetConfig) else cls(**net)
+
+
 class FusionClassifier(nn.Module):
     """``image (B, C, S, S)`` + ``series (B, T, F)`` → logits ``(B, K)``.
 
@@ -71,19 +136,10 @@ class FusionClassifier(nn.Module):
         in_chans: image bands.
         n_features: F, values per hour (count channels + 4 calendar features).
         n_counts: how many of the F channels are counts (standardised per window).
-        image / series: use this branch.
-        fusion: see the module docstring.
-        vit_name, vit_weights, img_size, freeze, token_grid: see :class:`ViTEncoder`.
-        series_encoder: ``bilstm`` or ``trans_blstm``; ``series_dim``, ``series_depth`` (LSTM
-            layers or transformer blocks), ``trans_blstm_variant`` (1 or 2), ``patch_hours``.
-        fusion_dim, fusion_depth, fusion_heads: width, layers and heads of the fusion module.
-        fusion_layer: MBT's first fused layer, or ``early`` / ``mid`` / ``late``.
-        n_bottlenecks: MBT bottleneck tokens.
-        dropout: dropout inside the new layers and before the head.
-        experts: with a fusion module, add an image expert and a series expert head.
-        isolate_series: the series encoder learns from the series expert alone: the fusion reads
-            its tokens without sending gradients back, so fitting the training places through
-            the fusion cannot make the series features memorise those places.
+        img_size: tile side in pixels.
+
+    The other arguments are the network settings, :class:`NetConfig`'s fields (documented
+    there, with the same defaults).
     """
 
     def __init__(
@@ -95,7 +151,7 @@ class FusionClassifier(nn.Module):
         image: bool = True,
         series: bool = True,
         fusion: FusionKind = "mbt",
-        vit_name: str = "vit_small_patch14_dinov2",
+        vit_name: str = VIT_NAME,
         vit_weights: str | None = "hub",
         img_size: int = 224,
         freeze: Freeze = "all",

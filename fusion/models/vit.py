@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+VIT_NAME = "vit_small_patch14_dinov2"  # the default backbone: DINOv2 ViT-S/14
 Freeze = Literal["all", "none"] | int
 # Parameters after the last block (trained with the full rate and not frozen by ``freeze=k``).
 _HEAD_PREFIXES = ("norm.", "fc_norm.", "head")
@@ -49,7 +50,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(
         self,
-        name: str = "vit_small_patch14_dinov2",
+        name: str = VIT_NAME,
         weights: str | None = "hub",
         in_chans: int = 3,
         img_size: int = 224,
