@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from shapely.affinity import translate
+from shapely.geometry import Polygon
 from torch.utils.data import default_collate
 
 from fusion.cli import main
@@ -316,3 +317,24 @@ def test_a_file_that_is_not_a_checkpoint_is_called_that(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a checkpoint") as info:
         load_model(text)
     assert info.value.file == str(text)
+
+
+def test_degenerate_regions_are_flagged_not_divided_by_zero(
+    model, geotiff: Path, tmp_path: Path
+) -> None:
+    """A collapsed polygon (no area) has no image and a note; a self-intersecting one is repaired
+    and predicted, its note saying so; the others are untouched."""
+    task, inputs = model
+    regions = gpd.read_file(geotiff / "regions.gpkg")
+    regions = regions[regions["complete"]].head(3).reset_index(drop=True)  # wholly on the raster
+    x0, y0, x1, y1 = regions.geometry.iloc[1].bounds
+    regions.loc[1, "geometry"] = Polygon([(x0, y0), (x1, y1), (x0, y0)])  # zero area
+    regions.loc[2, "geometry"] = Polygon([(x0, y0), (x1, y1), (x1, y0), (x0, y1)])  # bow-tie
+    path = tmp_path / "regions.gpkg"
+    regions.to_file(path)
+    result = run(task, RegionSamples(geotiff / "rgbn.tif", path, rgb(inputs)), tmp_path / "p.csv")
+    out = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert out["status"].tolist() == ["image only", "skipped", "image only"]
+    assert "zero-area" in out["note"][1] and result.pred[1] == -1
+    assert "self-intersection" in out["note"][2] and 0 < float(out["valid_share"][2]) <= 1
+    assert out["note"][0] == "no series" and float(out["valid_share"][0]) == 1

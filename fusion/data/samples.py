@@ -30,7 +30,7 @@ import torch
 from rich.progress import track
 
 from fusion.data.manifest import LINE, ClassList
-from fusion.data.series import SeriesTable, encode_window, parse_start
+from fusion.data.series import CALENDAR_FEATURES, SeriesTable, encode_window, parse_start
 from fusion.data.tiles import BandStats, Tile, TileInfo, read_tile, tile_info
 from fusion.errors import InputError
 
@@ -183,7 +183,12 @@ def build_series_windows(
         timezone=timezone, why=f"all rows must share one length (most rows have {hours})",
     )  # fmt: skip
     reader = WindowReader(
-        table, hours, len(table.value_columns) + 4, key_column, min_present, log1p
+        table,
+        hours,
+        len(table.value_columns) + len(CALENDAR_FEATURES),
+        key_column,
+        min_present,
+        log1p,
     )
     features = np.zeros((len(frame), hours, reader.n_features), dtype=np.float32)
     mask = np.zeros((len(frame), hours), dtype=bool)
