@@ -18,22 +18,30 @@ from fusion.task import FusionTask
 
 def attach_image_tokens(task: FusionTask, dm: Any, device: torch.device | str = "cpu") -> bool:
     """Have ``dm`` serve the frozen part of ``task``'s ViT as ``image_tokens`` (computed on
-    ``device`` where not cached). False (nothing done) for a model without a frozen ViT or data
-    without a token cache."""
+    ``device`` where not cached). False for data without a token cache, and for a model without
+    a frozen ViT (``dm`` then serves decoded tiles)."""
     encoder = task.net.image_encoder
-    if not task.caches_image_tokens or not hasattr(dm, "use_image_tokens"):
+    if not hasattr(dm, "use_image_tokens"):
+        return False
+    if not task.caches_image_tokens:
+        dm.drop_image_tokens()  # another model's tokens must not reach this one
         return False
     weights = encoder.weights
     identity = [
         encoder.config,
         file_fingerprint(weights) if weights not in (None, "hub") else weights,
     ]
-    was_training = encoder.training
-    encoder.eval().to(device)
-    try:
-        dm.use_image_tokens(lambda images: encoder.frozen_part(images.to(device)), identity)
-    finally:
-        encoder.train(was_training)
+    encoder.to(device)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            return encoder.frozen_part(images.to(device))
+        finally:
+            encoder.train(was_training)
+
+    dm.use_image_tokens(encode, identity)
     return True
 
 

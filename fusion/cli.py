@@ -88,20 +88,18 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import dataclasses
     import os
 
-    from fusion.io import check_replaceable
-
     # GDAL keeps decoded raster blocks up to 5% of the RAM by default: across a city-wide raster
     # that cache, not the model, would set the memory. A user's own setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")  # MB
 
     from fusion.data.prediction import ManifestSamples, PredictionDataModule, RegionSamples
-    from fusion.predict import load_model, predict
+    from fusion.predict import check_output, load_model, predict
 
     if (args.manifest is None) == (args.raster is None):
         parser.error("predict needs either --manifest or --raster with --regions")
     if args.raster is not None and args.regions is None:
         parser.error("--raster needs --regions")
-    check_replaceable(args.output)  # before any work
+    check_output(args.output, regions=args.raster is not None)  # before any work
     task, contract = load_model(args.ckpt_path)
     if args.bands:
         contract = dataclasses.replace(contract, bands=tuple(args.bands))

@@ -151,8 +151,6 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "confusion": confusion.tolist(),
     }
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    for copy in ("predictions_test.csv", "confusion_test.png"):  # in predictions.csv, result.json
-        (folder / copy).unlink(missing_ok=True)
     with atomic_path(folder / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
     _write_atomic(result_file, json.dumps(result, indent=1))
@@ -160,14 +158,20 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
 
 
 def _test_outputs(trainer: Any, task: Any, dm: Any) -> tuple[pd.DataFrame, torch.Tensor, float]:
-    """The last checkpoint's outputs on the test rows (``Trainer.predict`` over the
-    datamodule's held-out rows): their predictions frame, pooled logits and the seconds taken."""
+    """The last checkpoint's outputs on the test rows (``Trainer.predict`` over the datamodule's
+    held-out rows, the rows and outputs ``fusion test`` scores: those with a view the model
+    reads): their predictions frame, pooled logits and the seconds taken."""
     from fusion.task import predictions_frame
 
+    if trainer.world_size != 1:
+        raise RuntimeError("the experiments predict on one device (trainer.devices: 1)")
+    last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
     start = time.perf_counter()
-    outputs = trainer.predict(task, dm, ckpt_path="last", weights_only=True)
+    outputs = trainer.predict(task, dm, ckpt_path=last, weights_only=True)
     seconds = time.perf_counter() - start
     out = {k: torch.cat([o[k].cpu() for o in outputs]) for k in outputs[0]}
+    kept = out["pred"] >= 0
+    out = {k: v[kept] for k, v in out.items()}
     index = out["index"].numpy()
     views = {v: out[f"probs_{v}"].numpy() for v in VIEWS if f"probs_{v}" in out}
     frame = predictions_frame(

@@ -9,7 +9,6 @@ when every sample is done.
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import zipfile
@@ -28,7 +27,7 @@ from fusion.calibration import calibration_errors
 from fusion.data.contract import DataContract
 from fusion.data.prediction import PredictionDataModule
 from fusion.errors import InputError
-from fusion.io import atomic_path
+from fusion.io import atomic_path, check_replaceable
 from fusion.maps import plot_prediction_map
 from fusion.metrics import confusion_matrix, scores
 from fusion.task import VIEWS, FusionTask, probability_columns
@@ -62,8 +61,7 @@ def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
         raise InputError(
             "not a fusion checkpoint (no data_info in its hyper_parameters)", file=path
         )
-    known = inspect.signature(FusionTask.__init__).parameters
-    hparams = {k: v for k, v in hparams.items() if k in known}  # settings since retired
+    hparams = FusionTask.known_hparams(hparams)
     hparams["net"] = {**(hparams.get("net") or {}), "vit_weights": None}
     try:
         contract = DataContract.from_dict(
@@ -184,10 +182,26 @@ class Prediction:
         return dict(zip(values.tolist(), counts.tolist(), strict=True))
 
 
+def check_output(output: str | os.PathLike[str], regions: bool) -> Path:
+    """Refuse, before any work, an output :func:`predict` could not write: not ``.csv`` or
+    ``.gpkg``, a GeoPackage without regions, or a file (or a regions run's ``.png`` map) that
+    cannot be replaced."""
+    output = Path(output)
+    if output.suffix.lower() not in (".csv", ".gpkg"):
+        raise InputError("output must end in .csv or .gpkg", file=output)
+    if output.suffix.lower() == ".gpkg" and not regions:
+        raise InputError("a GeoPackage needs regions (--raster, --regions)", file=output)
+    check_replaceable(output)
+    if regions:
+        check_replaceable(output.with_suffix(".png"))
+    return output
+
+
 def _accelerator(device: str) -> dict[str, Any]:
-    """``Trainer`` arguments for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``Trainer`` arguments for ``auto`` (CUDA if there is one, else the CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``."""
     if device == "auto":
-        return {"accelerator": "auto", "devices": 1}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return {"accelerator": "cpu", "devices": 1}
     if device.startswith("cuda"):
@@ -206,12 +220,8 @@ def predict(
     """Predict every sample of ``data``, writing ``output`` (``.csv``, or ``.gpkg`` for regions)
     only once all are done (rows: :class:`RowWriter`); a regions run also draws ``.png``, a
     labelled manifest is scored."""
-    output = Path(output)
-    if output.suffix.lower() not in (".csv", ".gpkg"):
-        raise InputError("output must end in .csv or .gpkg", file=output)
     raster = data.regions()
-    if output.suffix.lower() == ".gpkg" and raster is None:
-        raise InputError("a GeoPackage needs regions (--raster, --regions)", file=output)
+    output = check_output(output, regions=raster is not None)
     geometry = raster.frame.geometry if output.suffix.lower() == ".gpkg" else None
     classes = tuple(task.classes)
     with atomic_path(output) as tmp:

@@ -9,6 +9,7 @@ needs nothing else.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -166,6 +167,13 @@ class FusionTask(L.LightningModule):
         self.register_buffer("temperature", torch.ones(()))
         self._rows: list[Collected] = []  # of the current validation or test epoch
 
+    @classmethod
+    def known_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """The settings of ``hparams`` (e.g. a checkpoint's) this version takes; those since
+        retired (such as ``cache_dir``, now the datamodule's) are left out."""
+        known = inspect.signature(cls.__init__).parameters
+        return {k: v for k, v in hparams.items() if k in known and k != "self"}
+
     # ------------------------------------------------------------------ configuration hooks
     def configure_models(self) -> None:
         data = self.contract
@@ -200,9 +208,9 @@ class FusionTask(L.LightningModule):
     def _inputs(self, batch: Batch) -> dict[str, Tensor | None]:
         """The classifier's keyword arguments for a batch: the image tokens the batch holds
         (a frozen ViT's, cached) run through the trainable rest, or the ViT on its images."""
-        tokens = batch.get("image_tokens")
+        tokens = batch.get("image_tokens") if self.caches_image_tokens else None
         if tokens is not None:
-            tokens = self.net.image_encoder.trainable_part(tokens)
+            tokens = self.net.image_encoder.trainable_part(tokens.float())
         elif self.net.image_encoder is not None:
             tokens = self.net.encode_image(batch["image"])
         return {
@@ -217,10 +225,6 @@ class FusionTask(L.LightningModule):
     def forward(self, batch: Batch) -> Tensor:
         """Logits ``(B, K)`` for a batch from :class:`FusionDataModule` (the heads pooled)."""
         return self.net(**self._inputs(batch))
-
-    def heads(self, batch: Batch) -> dict[str, Tensor]:
-        """Each head's logits ``(B, K)`` (see :meth:`FusionClassifier.heads`)."""
-        return self.net.heads(**self._inputs(batch))
 
     def _drop_modalities(self, batch: Batch) -> dict[str, Tensor]:
         """Views to hide from the fusion (``hide_image``, ``hide_series``, ``(B,)`` bool) for
@@ -277,7 +281,14 @@ class FusionTask(L.LightningModule):
         self._collect(batch, out)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self._outputs(batch)
+        """Scores :meth:`predict_step`'s outputs: the rows it predicts (those with a view this
+        model reads), as ``fusion predict`` writes them."""
+        out = self.predict_step(batch)
+        rows = out["pred"] >= 0
+        if not bool(rows.any()):
+            return
+        batch = {k: v[rows] for k, v in batch.items() if isinstance(v, Tensor)}
+        out = {k: v[rows] for k, v in out.items()}
         loss = self.criterion(out["logits"], batch["label"])
         self.log("test/loss", loss, batch_size=len(batch["label"]), sync_dist=True)
         self.test_metrics.update(out["logits"], batch["label"])

@@ -67,6 +67,19 @@ class FusionCLI(LightningCLI):
         parser.set_defaults(weights_only=True)
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads a checkpoint's hyperparameters into the model's settings (``test``,
+        # ``validate --ckpt_path``); those this version no longer has are left out, as
+        # ``fusion predict`` leaves them out.
+        subcommand = self.config.get("subcommand")
+        path = subcommand and self.config[subcommand].get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        hparams = FusionTask.known_hparams(ckpt.get("hyper_parameters") or {})
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # What the settings leave unset is derived from the run folder, so a variant's config
         # names it once (default_root_dir) and a config read over another keeps its files.

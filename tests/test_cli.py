@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from fusion.cli import main
+from fusion.configs import CHECKOUT_CONFIGS, config_args, config_files
+from tests.conftest import config
 
 
 def test_data_inspect_on_the_benchmark(
@@ -64,10 +66,10 @@ def test_empty_manifest_is_one_error_line(
     """Also through Lightning's CLI, which wraps what the datamodule raises in a ValueError."""
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("sample_id,image,sensor_id,start,hours,label,split\n")
-    config = Path(__file__).resolve().parents[1] / "configs" / "bilstm.yaml"
+    configs = config_args(config_files("bilstm", CHECKOUT_CONFIGS))  # from anywhere
     monkeypatch.chdir(tmp_path)  # whatever the config would write lands here
     argv = {
-        "fit": ["fit", "--config", str(config), "--data.manifest", str(manifest),
+        "fit": ["fit", *configs, "--data.manifest", str(manifest),
                 "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
         "data": ["data", "inspect", "--manifest", str(manifest), "--output", str(tmp_path / "o")],
     }[command]  # fmt: skip
@@ -135,9 +137,9 @@ def test_ctrl_c_during_lightning_fit_ends_with_one_line(tmp_path: Path, monkeypa
         trainers.append(trainer)
         trainer.fit(BoringModel())
 
-    monkeypatch.setattr("fusion.cli.build_cli", fit)
+    monkeypatch.setattr("fusion.training.build_cli", fit)
     handler = signal.getsignal(signal.SIGINT)
-    assert main(["fit", "--config", "configs/vit.yaml"]) == 130
+    assert main(["fit", *config("vit")]) == 130
     assert trainers[0].interrupted and trainers[0].global_step == 2  # stopped where sent
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
@@ -148,9 +150,9 @@ def test_other_exits_pass_through(monkeypatch) -> None:
     def fails(argv: list[str]) -> None:
         raise SystemExit(1)
 
-    monkeypatch.setattr("fusion.cli.build_cli", fails)
+    monkeypatch.setattr("fusion.training.build_cli", fails)
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", "configs/vit.yaml"])
+        main(["fit", *config("vit")])
     assert info.value.code == 1
 
 

@@ -105,7 +105,6 @@ def _data(small_manifest: Path, shared_data: Path, tmp_path: Path) -> list[str]:
         "--data.split", "manifest",
         "--data.image_size", str(IMAGE_SIZE),
         "--data.cache_dir", str(tmp_path / "cache"),
-        "--model.cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
 
 

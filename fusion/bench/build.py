@@ -23,14 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from fusion.configs import CHECKOUT_CONFIGS, config_files, net_config, variant_names
-from fusion.data.series import CALENDAR_FEATURES
+from fusion.data.series import feature_count
 from fusion.models.classifier import FusionClassifier, NetConfig
 from fusion.models.vit import VIT_NAME
 
 TIMM_VIT = "timm_vit"  # the bare timm backbone: the floor of every ratio
 NUM_CLASSES = 8
 N_COUNTS = 1
-N_FEATURES = N_COUNTS + len(CALENDAR_FEATURES)  # one count channel + the calendar features
+N_FEATURES = feature_count(["count"])  # one count channel + the calendar features
 TARGET_RATIO = 0.85  # fusion inference throughput over the bare ViT's
 SERIES_ENCODERS = ("bilstm", "trans_blstm")
 

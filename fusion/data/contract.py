@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from fusion.data.series import CALENDAR_FEATURES, KEY_COLUMN, MIN_PRESENT, TIME_COLUMN
+from fusion.data.series import KEY_COLUMN, MIN_PRESENT, TIME_COLUMN, feature_count
 from fusion.data.tiles import BandStats
 
 
@@ -44,7 +44,7 @@ class DataContract:
     @property
     def n_features(self) -> int:
         """Features per hour of a window: the counts and the calendar features."""
-        return len(self.value_columns) + len(CALENDAR_FEATURES)
+        return feature_count(self.value_columns)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types (lists, numbers, strings) for a checkpoint's hyperparameters."""

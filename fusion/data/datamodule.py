@@ -33,11 +33,11 @@ from fusion.data.manifest import (
 )
 from fusion.data.samples import SeriesArrays, build_series_windows, label_indices, scan_tiles
 from fusion.data.series import (
-    CALENDAR_FEATURES,
     KEY_COLUMN,
     MIN_PRESENT,
     TIME_COLUMN,
     SeriesTable,
+    feature_count,
 )
 from fusion.data.splits import group_folds, group_split, single_group_labels, stratified_split
 from fusion.data.tiles import BandStats
@@ -113,8 +113,8 @@ class FusionDataModule(L.LightningDataModule):
         groups: optional CSV mapping ``key_column`` to ``group_column`` (e.g. the footfall
             ``sensors.csv`` with ``holdout_group``: nearby sensors move together in a place split).
         batch_size, num_workers: loader settings.
-        cache_dir: folder of the series-window cache (default ``$FUSION_CACHE`` or
-            ``~/.cache/fusion``; ``""`` disables caching).
+        cache_dir: folder of the caches of series windows and frozen image tokens (default
+            ``$FUSION_CACHE`` or ``~/.cache/fusion``; ``""`` disables both).
     """
 
     def __init__(
@@ -181,6 +181,7 @@ class FusionDataModule(L.LightningDataModule):
         self._datasets: dict[str, PairedDataset] = {}
         self.image_tokens: np.ndarray | None = None  # (N, 1 + G*G, D) float16, see use_image_tokens
         self._tokens_key: list[Any] | None = None
+        self._encoder: tuple[Encode, Sequence[Any]] | None = None  # what use_image_tokens got
         self.token_seconds = 0.0  # spent computing (not loading) frozen image tokens
 
     # ------------------------------------------------------------------ preparation
@@ -314,7 +315,7 @@ class FusionDataModule(L.LightningDataModule):
         hp = self.hparams
         keyed = (frame[self.key_column] != "").any()
         if not keyed:
-            empty = np.zeros((len(frame), 0, len(self.value_columns) + len(CALENDAR_FEATURES)))
+            empty = np.zeros((len(frame), 0, self.n_features))
             none = np.zeros((len(frame), 0), dtype=bool)
             return SeriesArrays(empty.astype(np.float32), none, np.zeros(len(frame), bool)), []
         if self.series_path is None:
@@ -363,7 +364,7 @@ class FusionDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ derived facts
     @property
     def n_features(self) -> int:
-        return len(self.value_columns) + len(CALENDAR_FEATURES)
+        return feature_count(self.value_columns)
 
     @property
     def hours(self) -> int:
@@ -401,6 +402,7 @@ class FusionDataModule(L.LightningDataModule):
         ``token_seconds``."""
         self.setup()
         assert self.band_stats is not None
+        self._encoder = (encode, identity)
         files = [None if p is None else file_fingerprint(p) for p in self.image_paths]
         key = [*identity, [self.band_stats.to_dict(), self.bands, self.nodata], files]
         if key == self._tokens_key:
@@ -411,6 +413,10 @@ class FusionDataModule(L.LightningDataModule):
         )
         self.image_tokens, self._tokens_key = tokens, key
         self.token_seconds += seconds
+
+    def drop_image_tokens(self) -> None:
+        """Serve decoded tiles again (for a model whose image encoder is not cached)."""
+        self.image_tokens, self._tokens_key, self._encoder = None, None, None
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
@@ -488,3 +494,5 @@ class FusionDataModule(L.LightningDataModule):
         self.band_stats = BandStats.from_dict(state["band_stats"])
         for dataset in self._datasets.values():
             dataset.stats = self.band_stats
+        if self._encoder is not None:  # tokens of tiles normalised with the checkpoint's stats
+            self.use_image_tokens(*self._encoder)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fusion.data.samples import Sample, make_sample
-from fusion.data.tiles import BandStats, prepare_tile, read_tile
+from fusion.data.samples import Sample, make_sample, tile_tensor
+from fusion.data.tiles import BandStats, read_tile
 
 
 class PairedDataset(Dataset[Sample]):
@@ -71,11 +71,9 @@ class PairedDataset(Dataset[Sample]):
         path = self.images[row]
         if not self.load_images:
             image = torch.empty(0)
-        elif path is None:
-            image = torch.zeros(len(self.stats), self.image_size, self.image_size)
         else:
-            tile = read_tile(path, bands=self.bands, nodata=self.nodata)
-            image = prepare_tile(tile, size=self.image_size, stats=self.stats)
+            tile = None if path is None else read_tile(path, bands=self.bands, nodata=self.nodata)
+            image = tile_tensor(tile, size=self.image_size, stats=self.stats)
         return make_sample(
             row,
             image=image,
@@ -88,7 +86,7 @@ class PairedDataset(Dataset[Sample]):
 
 
 class WithImageTokens(Dataset[Sample]):
-    """``base``'s samples (images not decoded) with ``image_tokens (1 + G*G, D)`` float32: row
+    """``base``'s samples (images not decoded) with ``image_tokens (1 + G*G, D)`` float16: row
     ``index`` of ``tokens (N, 1 + G*G, D)`` float16, a frozen image encoder's cached output."""
 
     def __init__(self, base: PairedDataset, tokens: np.ndarray) -> None:
@@ -100,5 +98,5 @@ class WithImageTokens(Dataset[Sample]):
 
     def __getitem__(self, item: int) -> Sample:
         sample = self.base[item]
-        sample["image_tokens"] = torch.from_numpy(self.tokens[int(sample["index"])]).float()
+        sample["image_tokens"] = torch.from_numpy(self.tokens[int(sample["index"])])
         return sample

@@ -46,10 +46,11 @@ from fusion.data.samples import (
     check_dtype,
     label_indices,
     make_sample,
+    tile_tensor,
     window_starts,
 )
 from fusion.data.series import SeriesTable, parse_start
-from fusion.data.tiles import MIN_VALID, Tile, prepare_tile, read_tile, tile_info
+from fusion.data.tiles import MIN_VALID, Tile, read_tile, tile_info
 from fusion.errors import InputError, InputErrors
 
 
@@ -102,18 +103,12 @@ def _sample(
     (NaN: no tile). A tile with less than ``min_valid`` of the place is not used (nor
     prepared)."""
     features, mask, series_note = series
-    size = contract.image_size
     if tile is not None and share < min_valid:
         image_note = f"only {share:.0%} of the pixels have data (see --min-valid)"
         tile = None
-    image = (
-        torch.zeros(contract.in_chans, size, size)
-        if tile is None
-        else prepare_tile(tile, size=size, stats=contract.band_stats)
-    )
     return make_sample(
         index,
-        image=image,
+        image=tile_tensor(tile, size=contract.image_size, stats=contract.band_stats),
         series=features,
         series_mask=mask,
         has_image=tile is not None,

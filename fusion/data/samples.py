@@ -13,7 +13,8 @@ missing, with a note, and the sample goes on).
   band counts (:func:`check_bands`) are errors; per-band statistics and the pixel type accumulate
   over the training rows only;
 - :func:`label_indices`: labels as class indices, unknown ones errors;
-- :func:`make_sample`: the one sample dict every dataset returns.
+- :func:`tile_tensor` and :func:`make_sample`: the model's image input and the one sample dict
+  every dataset returns.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from rich.progress import track
 
 from fusion.data.manifest import LINE, ClassList
-from fusion.data.series import CALENDAR_FEATURES, SeriesTable, encode_window, parse_start
-from fusion.data.tiles import BandStats, Tile, TileInfo, read_tile, tile_info
+from fusion.data.series import SeriesTable, encode_window, feature_count, parse_start
+from fusion.data.tiles import BandStats, Tile, TileInfo, prepare_tile, read_tile, tile_info
 from fusion.errors import InputError
 
 Policy = Literal["raise", "flag"]
@@ -66,6 +67,13 @@ def make_sample(
     }
 
 
+def tile_tensor(tile: Tile | None, *, size: int, stats: BandStats) -> torch.Tensor:
+    """A tile as the model reads it, ``(C, S, S)`` normalised by ``stats``; zeros without one."""
+    if tile is None:
+        return torch.zeros(len(stats), size, size)
+    return prepare_tile(tile, size=size, stats=stats)
+
+
 @dataclass
 class SeriesArrays:
     """Windows of all rows: ``features (N, T, F)``, ``mask (N, T)``, ``present (N,)``.
@@ -96,7 +104,7 @@ def window_starts(
     errors: list[InputError] = []
     for row in frame.to_dict("records"):
         start = None
-        if row[key_column] and row["hours"] != hours:
+        if row[key_column] and row["hours"] != hours and row["hours"] > 0:  # 0: check_manifest's
             message = f"window of {row['hours']} hours; {why}"
             errors.append(InputError(message, file=manifest_path, line=row[LINE], field="hours"))
         elif row[key_column]:
@@ -129,6 +137,8 @@ class WindowReader:
     def read(self, key: str, start: pd.Timestamp | None) -> tuple[np.ndarray, np.ndarray, str]:
         """Features ``(T, F)`` float32, mask ``(T,)`` bool and a note ("" when the window is
         used)."""
+        if not key or self.table is None or start is None:
+            return *self._absent(), "no series"
         try:
             return (*self._read(key, start), "")
         except InputError as err:
@@ -140,9 +150,8 @@ class WindowReader:
         features = np.zeros((self.hours, self.n_features), dtype=np.float32)
         return features, np.zeros(self.hours, dtype=bool)
 
-    def _read(self, key: str, start: pd.Timestamp | None) -> tuple[np.ndarray, np.ndarray]:
-        if not key or self.table is None or start is None:
-            raise InputError("no series")
+    def _read(self, key: str, start: pd.Timestamp) -> tuple[np.ndarray, np.ndarray]:
+        assert self.table is not None
         try:
             window = self.table.window(key, start, self.hours)
         except InputError as err:
@@ -185,7 +194,7 @@ def build_series_windows(
     reader = WindowReader(
         table,
         hours,
-        len(table.value_columns) + len(CALENDAR_FEATURES),
+        feature_count(table.value_columns),
         key_column,
         min_present,
         log1p,

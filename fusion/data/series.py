@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import zoneinfo
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -40,6 +40,12 @@ TIME_COLUMN = "timestamp"  # default column of each row's hour
 MIN_PRESENT = 0.5  # default least share of a window's hours with a row, for it to be used
 
 CALENDAR_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
+
+
+def feature_count(value_columns: Sequence[str]) -> int:
+    """Features per hour of an encoded window: the value columns, then the calendar features."""
+    return len(value_columns) + len(CALENDAR_FEATURES)
+
 
 _US_PER_MINUTE = 60_000_000
 _US_PER_HOUR = 60 * _US_PER_MINUTE

@@ -27,8 +27,8 @@ Encode = Callable[[torch.Tensor], torch.Tensor]  # images (B, C, S, S) -> tokens
 
 @torch.no_grad()
 def encode_tiles(dataset: Dataset[Sample], encode: Encode, batch_size: int = 16) -> np.ndarray:
-    """Tokens of every row's tile, ``(N, 1 + G*G, D)`` float16 by ``index`` (zeros where a row
-    has no tile)."""
+    """Tokens of every row's tile, ``(N, 1 + G*G, D)`` float16 by ``index`` (a row without a
+    tile gets the tokens of its all-zero input; the model does not read them)."""
     # Its own generator: computing tokens must not move the global RNG, or a run with a cold
     # cache would train differently from the same run with a warm one.
     loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(0))
