@@ -46,11 +46,12 @@ from fusion.data.samples import (
     check_dtype,
     label_indices,
     make_sample,
+    tile_headers,
     tile_tensor,
     window_starts,
 )
 from fusion.data.series import SeriesTable, parse_start
-from fusion.data.tiles import MIN_VALID, Tile, read_tile, tile_info
+from fusion.data.tiles import MIN_VALID, Tile, read_tile
 from fusion.errors import InputError, InputErrors
 
 
@@ -167,21 +168,11 @@ class ManifestSamples(Dataset[Sample]):
             errors += found
         root = Path(image_root) if image_root else resolve_image_root(self.path, frame["image"])
         self.images = image_paths(frame, root)
-        for path, line in zip(self.images, frame[LINE], strict=True):
-            if path is None:
-                continue
-            try:
-                info = tile_info(path)
-            except InputError as err:
-                errors.append(err.within(self.path, line=line, field="image"))
-                continue
-            count = len(contract.bands) if contract.bands else info.count
-            where = {"line": int(line), "field": "image"}
-            found_one = check_bands(
-                f"tile {path}", count, contract.in_chans, contract.bands, self.path, **where
-            ) or check_dtype(info.dtype, contract.dtype, self.path, **where)
-            if found_one:
-                errors.append(found_one)
+        _, _, found = tile_headers(
+            self.images, frame[LINE].tolist(), manifest_path=self.path, bands=contract.bands,
+            expected_bands=contract.in_chans, expected_dtype=contract.dtype,
+        )  # fmt: skip
+        errors += found
         if errors:
             raise InputErrors(errors)
         series_path = Path(series) if series else default_series_path(self.path)

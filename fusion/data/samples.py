@@ -9,9 +9,10 @@ missing, with a note, and the sample goes on).
 - :class:`WindowReader`: a row's activity window as ``(T, F)`` features + ``(T,)`` mask; unknown
   keys, windows outside the series, too few present hours (none at all, whatever
   ``min_present``) are problems; :func:`build_series_windows` reads every row's;
-- :func:`scan_tiles`: every tile decoded once; missing/unreadable files, all-nodata tiles and wrong
-  band counts (:func:`check_bands`) are errors; per-band statistics and the pixel type accumulate
-  over the training rows only;
+- :func:`tile_headers`: every tile's header; missing/unreadable files, wrong band counts
+  (:func:`check_bands`) and pixel types (:func:`check_dtype`) are problems; :func:`scan_tiles`
+  (training) then decodes every tile once: all-nodata tiles are errors, per-band statistics and
+  the pixel type accumulate over the training rows only;
 - :func:`label_indices`: labels as class indices, unknown ones errors;
 - :func:`tile_tensor` and :func:`make_sample`: the model's image input and the one sample dict
   every dataset returns.
@@ -277,22 +278,19 @@ class TileScan:
     dtype: str | None
 
 
-def scan_tiles(
+def tile_headers(
     paths: Sequence[Path | None],
     lines: Sequence[int],
-    train: np.ndarray,
     *,
     manifest_path: Path,
     bands: Sequence[int] | None,
-    nodata: float | None,
     expected_bands: int | None = None,
-) -> tuple[TileScan, list[InputError]]:
-    """Check every tile (header, then a full decode) and accumulate training band statistics.
-
-    Band statistics stream over the rows where ``train`` is True, so memory stays bounded. The
-    expected band count (after ``bands`` selection) is ``expected_bands`` if given, else the most
-    common count.
-    """
+    expected_dtype: str | None = None,
+) -> tuple[list[TileInfo | None], int | None, list[InputError]]:
+    """Every tile's header (None where a row has no tile or a bad one), the band count expected
+    after the ``bands`` selection (``expected_bands``, else the most common), and the problems:
+    files missing or unreadable, another band count, another pixel type than ``expected_dtype``
+    (None: any)."""
     errors: list[InputError] = []
     infos: list[TileInfo | None] = []
     for path, line in zip(paths, lines, strict=True):
@@ -312,13 +310,34 @@ def scan_tiles(
     for i, info in enumerate(infos):
         if info is None or n_bands is None:
             continue
+        where: dict[str, int | str] = {"line": int(lines[i]), "field": "image"}
         found = check_bands(
-            f"tile {paths[i]}", selected(info), n_bands, bands, manifest_path,
-            line=lines[i], field="image",
-        )  # fmt: skip
+            f"tile {paths[i]}", selected(info), n_bands, bands, manifest_path, **where
+        ) or check_dtype(info.dtype, expected_dtype, manifest_path, **where)
         if found:
             errors.append(found)
             infos[i] = None
+    return infos, n_bands, errors
+
+
+def scan_tiles(
+    paths: Sequence[Path | None],
+    lines: Sequence[int],
+    train: np.ndarray,
+    *,
+    manifest_path: Path,
+    bands: Sequence[int] | None,
+    nodata: float | None,
+    expected_bands: int | None = None,
+) -> tuple[TileScan, list[InputError]]:
+    """Check every tile (:func:`tile_headers`, then a full decode) and accumulate training band
+    statistics.
+
+    Band statistics stream over the rows where ``train`` is True, so memory stays bounded.
+    """
+    infos, n_bands, errors = tile_headers(
+        paths, lines, manifest_path=manifest_path, bands=bands, expected_bands=expected_bands
+    )
 
     def decoded() -> Iterator[Tile]:
         rows = [i for i, info in enumerate(infos) if info is not None]
