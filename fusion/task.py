@@ -183,7 +183,7 @@ class FusionTask(L.LightningModule):
             n_features=data.n_features,
             n_counts=len(data.value_columns),
             img_size=data.image_size,
-            **asdict(NetConfig.of(self.hparams.net)),
+            net=NetConfig.of(self.hparams.net),
         )
 
     def configure_losses(self) -> None:

@@ -136,10 +136,17 @@ def test_loggers_and_callbacks_follow_the_run_folder_unless_given(
     assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
 
 
-def test_net_config_holds_the_classifier_settings_with_its_defaults() -> None:
+def test_the_classifier_takes_its_settings_from_net_config() -> None:
+    """The network's settings and their defaults live in NetConfig alone; keywords override
+    single fields, and an unknown one is refused."""
     params = inspect.signature(FusionClassifier.__init__).parameters
-    settings = {n: p.default for n, p in params.items() if n not in {"self", *DATA_FACTS}}
-    assert {f.name: f.default for f in fields(NetConfig)} == settings
+    assert set(params) == {"self", *DATA_FACTS, "net", "settings"}
+    net = NetConfig(image=False, fusion="none", series_dim=24, series_depth=1)
+    model = FusionClassifier(4, net=net)
+    assert model.image_encoder is None and model.series_encoder.out_dim == 24
+    assert FusionClassifier(4, net=net, series_dim=16).series_encoder.out_dim == 16
+    with pytest.raises(TypeError, match="fusion_layers"):
+        FusionClassifier(4, net=net, fusion_layers="late")
 
 
 def test_a_misspelt_net_setting_is_refused_by_name(tmp_path: Path, capsys) -> None:

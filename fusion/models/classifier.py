@@ -20,7 +20,7 @@ the task. The image branch's pooled vector is its CLS token and its mean patch t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -138,8 +138,8 @@ class FusionClassifier(nn.Module):
         n_counts: how many of the F channels are counts (standardised per window).
         img_size: tile side in pixels.
 
-    The other arguments are the network settings, :class:`NetConfig`'s fields (documented
-    there, with the same defaults).
+        net: the network settings (:class:`NetConfig`, documented there); ``settings``
+            override single fields (``FusionClassifier(6, fusion="concat")``).
     """
 
     def __init__(
@@ -148,81 +148,71 @@ class FusionClassifier(nn.Module):
         in_chans: int = 3,
         n_features: int = 5,
         n_counts: int = 1,
-        image: bool = True,
-        series: bool = True,
-        fusion: FusionKind = "mbt",
-        vit_name: str = VIT_NAME,
-        vit_weights: str | None = "hub",
         img_size: int = 224,
-        freeze: Freeze = "all",
-        token_grid: int | None = 4,
-        series_encoder: SeriesKind = "bilstm",
-        series_dim: int = 128,
-        series_depth: int = 2,
-        trans_blstm_variant: Literal[1, 2] = 1,
-        patch_hours: int = 24,
-        fusion_dim: int = 128,
-        fusion_depth: int = 4,
-        fusion_heads: int = 4,
-        fusion_layer: int | Literal["early", "mid", "late"] = "mid",
-        n_bottlenecks: int = 4,
-        dropout: float = 0.1,
-        experts: bool = False,
-        isolate_series: bool = False,
+        net: NetConfig | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        if not (image or series):
+        net = replace(NetConfig.of(net), **settings)
+        if not (net.image or net.series):
             raise ValueError("at least one of image and series must be used")
-        if fusion == "none" and image and series:
+        if net.fusion == "none" and net.image and net.series:
             raise ValueError("fusion='none' needs a single branch: switch image or series off")
-        if fusion != "none" and not (image and series):
-            raise ValueError(f"fusion='{fusion}' needs both branches")
+        if net.fusion != "none" and not (net.image and net.series):
+            raise ValueError(f"fusion='{net.fusion}' needs both branches")
         self.n_counts = n_counts
-        self.fusion_kind = fusion
-        self.isolate_series = isolate_series
+        self.fusion_kind = net.fusion
+        self.isolate_series = net.isolate_series
         self.image_encoder = (
-            ViTEncoder(vit_name, vit_weights, in_chans, img_size, freeze, token_grid)
-            if image
+            ViTEncoder(
+                net.vit_name, net.vit_weights, in_chans, img_size, net.freeze, net.token_grid
+            )
+            if net.image
             else None
         )
         self.series_encoder: BiLSTMEncoder | TransBLSTMEncoder | None = None
-        if series and series_encoder == "bilstm":
+        if net.series and net.series_encoder == "bilstm":
             self.series_encoder = BiLSTMEncoder(
-                n_features, series_dim, series_depth, dropout, patch_hours
+                n_features, net.series_dim, net.series_depth, net.dropout, net.patch_hours
             )
-        elif series:
+        elif net.series:
             self.series_encoder = TransBLSTMEncoder(
-                n_features, series_dim, series_depth, fusion_heads, trans_blstm_variant,
-                patch_hours, dropout,
+                n_features, net.series_dim, net.series_depth, net.fusion_heads,
+                net.trans_blstm_variant, net.patch_hours, net.dropout,
             )  # fmt: skip
         image_dim = self.image_encoder.out_dim if self.image_encoder else 0
-        self.missing_image = MissingToken(image_dim) if image and series else None
-        self.missing_series = MissingToken(series_dim) if image and series else None
+        self.missing_image = MissingToken(image_dim) if net.image and net.series else None
+        self.missing_series = MissingToken(net.series_dim) if net.image and net.series else None
         self.fusion: MsIFTFusion | BottleneckFusion | None = None
-        if fusion == "msift":
+        if net.fusion == "msift":
             self.fusion = MsIFTFusion(
-                image_dim, series_dim, fusion_dim, fusion_depth, fusion_heads, dropout=dropout
+                image_dim,
+                net.series_dim,
+                net.fusion_dim,
+                net.fusion_depth,
+                net.fusion_heads,
+                dropout=net.dropout,
             )
-        elif fusion == "mbt":
+        elif net.fusion == "mbt":
             layer = (
-                fusion_layer_for(fusion_layer, fusion_depth)
-                if isinstance(fusion_layer, str)
-                else fusion_layer
+                fusion_layer_for(net.fusion_layer, net.fusion_depth)
+                if isinstance(net.fusion_layer, str)
+                else net.fusion_layer
             )
             self.fusion = BottleneckFusion(
-                image_dim, series_dim, fusion_dim, fusion_depth, layer, n_bottlenecks,
-                fusion_heads, dropout=dropout,
+                image_dim, net.series_dim, net.fusion_dim, net.fusion_depth, layer,
+                net.n_bottlenecks, net.fusion_heads, dropout=net.dropout,
             )  # fmt: skip
         image_vector = 2 * image_dim  # CLS and mean patch token
         if self.fusion is not None:
             out_dim = self.fusion.out_dim
         else:
-            out_dim = (image_vector if image else 0) + (series_dim if series else 0)
-        self.head = ExpertHead(out_dim, num_classes, dropout)
+            out_dim = (image_vector if net.image else 0) + (net.series_dim if net.series else 0)
+        self.head = ExpertHead(out_dim, num_classes, net.dropout)
         self.image_expert = self.series_expert = None
-        if experts and fusion != "none":
-            self.image_expert = ExpertHead(image_vector, num_classes, dropout)
-            self.series_expert = ExpertHead(series_dim, num_classes, dropout)
+        if net.experts and net.fusion != "none":
+            self.image_expert = ExpertHead(image_vector, num_classes, net.dropout)
+            self.series_expert = ExpertHead(net.series_dim, num_classes, net.dropout)
         # The weight of each head in the output (fitted on held-out places by the task).
         self.register_buffer("view_weights", torch.ones(len(self.head_names)))
 
