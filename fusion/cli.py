@@ -22,6 +22,7 @@ from rich.console import Console
 
 from fusion.data.series import KEY_COLUMN, MIN_PRESENT, TIME_COLUMN
 from fusion.data.tiles import MIN_VALID
+from fusion.data.urfc import REGULAR_DAYS
 from fusion.errors import InputError, InputErrors
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -44,6 +45,19 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-present", type=float, default=MIN_PRESENT)
     p.add_argument("--split", choices=["manifest", "stratified", "place"], default="manifest")
     p.add_argument("--output", default="results/inspect", help="folder for gallery.png")
+    p = data_sub.add_parser(
+        "urfc",
+        help="convert a URFC folder (train_image/, train_visit/, test_image/, test_visit/) into "
+        "a manifest and an hourly activity table (Parquet)",
+    )
+    p.add_argument("--root", required=True, type=Path, help="the URFC folder")
+    p.add_argument("--output", required=True, type=Path, help="folder for the converted files")
+    p.add_argument("--regular-days", type=int, default=REGULAR_DAYS,
+                   help="users seen on so many distinct days in a region are regulars")  # fmt: skip
+    p.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                   help="stop: list every bad file, write nothing; skip: leave those regions "
+                   "out, listed in skipped.csv")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="parsing processes")
 
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -238,6 +252,21 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _urfc(args: argparse.Namespace) -> int:
+    from fusion.data.urfc import convert_urfc
+
+    done = convert_urfc(
+        args.root, args.output, regular_days=args.regular_days, on_error=args.on_error,
+        workers=args.workers,
+    )  # fmt: skip
+    rate = done.areas / max(done.seconds, 1e-9)
+    print(f"wrote {done.manifest} and {done.activity} ({done.areas} regions, "
+          f"{done.seconds:.1f} s, {rate:.0f} files/s)")  # fmt: skip
+    if done.report is not None:
+        print(f"skipped {len(done.skipped)} problems, listed in {done.report}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from fusion.data.datamodule import FusionDataModule
     from fusion.data.overview import inspect
@@ -303,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args, sub.choices["predict"])
         if args.command == "bench":
             return _bench(args)
-        return _inspect(args) if args.command == "data" else _experiment(args)
+        if args.command == "data":
+            return _urfc(args) if args.data_command == "urfc" else _inspect(args)
+        return _experiment(args)
     except (InputError, InputErrors) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2

@@ -7,7 +7,9 @@ the region. The data cover the 182 days (26 weeks) from Monday 2018-10-01 to 201
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from os import PathLike
 from pathlib import Path
 
@@ -17,11 +19,44 @@ from fusion.errors import InputError
 
 URFC_FIRST_DAY = date(2018, 10, 1)
 URFC_WEEKS = 26
+URFC_TIMEZONE = "Asia/Shanghai"  # the visit files' local time (no daylight saving)
+# Categories 001-009, by their folder and file names.
+URFC_CATEGORIES = (
+    "residential", "school", "industrial", "railway_station", "airport", "park", "shopping",
+    "administrative", "hospital",
+)  # fmt: skip
+CHANNELS = ("visits", "regulars", "others")  # hourly counts per region, see read_urfc_channels
+REGULAR_DAYS = 7  # a user seen on this many distinct days in a region is one of its regulars
+HOURS = URFC_WEEKS * 7 * 24  # 4,368 hourly steps
 
 _DAYS = URFC_WEEKS * 7
+_CATEGORY = {f"{i:03d}": name for i, name in enumerate(URFC_CATEGORIES, start=1)}
 _DAY_INDEX = {(URFC_FIRST_DAY + timedelta(days=d)).strftime("%Y%m%d"): d for d in range(_DAYS)}
 _HOUR_INDEX = {f"{h:02d}": h for h in range(24)}
 _LINE_FORM = "expected 'USERID<TAB>YYYYMMDD&HH|HH|...,YYYYMMDD&HH|...'"
+
+
+def read_urfc_channels(path: str | PathLike[str], regular_days: int = REGULAR_DAYS) -> np.ndarray:
+    """Hourly counts of one region, ``(3, 4368)`` float32 over its 182 days: ``visits`` (the
+    (user, hour) entries listed), ``regulars`` (those of users seen on at least ``regular_days``
+    distinct days there) and ``others`` (the rest); blank lines are skipped."""
+    path = Path(path)
+    counts = np.zeros((len(CHANNELS), HOURS), dtype=np.float32)
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                text = line.strip()
+                if not text:
+                    continue
+                slots = np.asarray(_parse_line(text, path, number), dtype=np.int64)
+                regular = len(np.unique(slots // 24)) >= regular_days
+                np.add.at(counts[0], slots, 1)
+                np.add.at(counts[1 if regular else 2], slots, 1)
+    except FileNotFoundError:
+        raise InputError("file not found", file=path) from None
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", file=path) from None
+    return counts
 
 
 def read_urfc_visits(path: str | PathLike[str]) -> np.ndarray:
@@ -29,21 +64,9 @@ def read_urfc_visits(path: str | PathLike[str]) -> np.ndarray:
 
     A cell counts the (user, hour) entries listed for that hour; blank lines are skipped.
     """
-    path = Path(path)
-    slots: list[int] = []  # day * 24 + hour, one per listed visit
-    try:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                text = line.strip()
-                if text:
-                    slots.extend(_parse_line(text, path, number))
-    except FileNotFoundError:
-        raise InputError("file not found", file=path) from None
-    except UnicodeDecodeError:
-        raise InputError("not UTF-8 text", file=path) from None
-    counts = np.bincount(np.asarray(slots, dtype=np.int64), minlength=_DAYS * 24)
-    # day = week * 7 + weekday, so (182, 24) -> (26, 7, 24) -> (7, 26, 24).
-    return counts.reshape(URFC_WEEKS, 7, 24).transpose(1, 0, 2).astype(np.float32)
+    visits = read_urfc_channels(path)[0]
+    # day = week * 7 + weekday, so (182 * 24,) -> (26, 7, 24) -> (7, 26, 24).
+    return visits.reshape(URFC_WEEKS, 7, 24).transpose(1, 0, 2)
 
 
 def read_urfc_dir(folder: str | PathLike[str]) -> tuple[list[str], np.ndarray]:
@@ -91,3 +114,194 @@ def _date_problem(text: str) -> str:
         return f"date {text!r} is not YYYYMMDD; {_LINE_FORM}"
     last = URFC_FIRST_DAY + timedelta(days=_DAYS - 1)
     return f"date {text} is outside the {URFC_WEEKS} weeks {URFC_FIRST_DAY} .. {last}"
+
+
+# ---------------------------------------------------------------------------------- conversion
+@dataclass(frozen=True)
+class UrfcArea:
+    """One region of a URFC folder: its id (the file stem), tile, visit file, label ("" for a
+    test region) and split (``train`` or ``test``)."""
+
+    area_id: str
+    image: Path
+    visits: Path
+    label: str
+    split: str
+
+
+def scan_urfc(root: str | PathLike[str]) -> tuple[list[UrfcArea], list[InputError]]:
+    """The regions of a URFC folder (``train_image/00C/ID_00C.jpg`` + ``train_visit/ID_00C.txt``,
+    ``test_image/ID.jpg`` + ``test_visit/ID.txt``), sorted by split and id, and the problems of
+    its layout: an unknown category folder, a file named for another category, a tile without a
+    visit file or the reverse."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("folder not found", file=root)
+    if not any((root / f"{split}_visit").is_dir() for split in ("train", "test")):
+        raise InputError("no URFC layout (train_visit/ or test_visit/) in the folder", file=root)
+    areas: list[UrfcArea] = []
+    errors: list[InputError] = []
+    for split in ("train", "test"):
+        images: dict[str, tuple[Path, str]] = {}
+        for path in sorted((root / f"{split}_image").rglob("*.jpg")):
+            label = ""
+            if split == "train":
+                folder = path.parent.name
+                if path.parent.parent != root / "train_image" or folder not in _CATEGORY:
+                    errors.append(InputError(
+                        f"unknown category folder '{folder}' (001-009)", file=path,
+                    ))  # fmt: skip
+                    continue
+                if not path.stem.endswith(f"_{folder}"):
+                    errors.append(InputError(f"file of category folder {folder} is not "
+                                             f"named ID_{folder}.jpg", file=path))  # fmt: skip
+                    continue
+                label = _CATEGORY[folder]
+            images[path.stem] = (path, label)
+        visits = {p.stem: p for p in sorted((root / f"{split}_visit").glob("*.txt"))}
+        for stem in sorted(images.keys() - visits.keys()):
+            errors.append(InputError(f"tile without a visit file ({split}_visit/{stem}.txt)",
+                                     file=images[stem][0]))  # fmt: skip
+        for stem in sorted(visits.keys() - images.keys()):
+            errors.append(InputError(f"visit file without a tile in {split}_image/",
+                                     file=visits[stem]))  # fmt: skip
+        for stem in sorted(images.keys() & visits.keys()):
+            image, label = images[stem]
+            areas.append(UrfcArea(stem, image, visits[stem], label, split))
+    return areas, errors
+
+
+def _channels_or_error(job: tuple[Path, int]) -> np.ndarray | InputError:
+    """:func:`read_urfc_channels` in a worker process, a problem returned rather than raised."""
+    try:
+        return read_urfc_channels(*job)
+    except InputError as err:
+        return err
+
+
+@dataclass
+class UrfcConversion:
+    """What :func:`convert_urfc` wrote and skipped."""
+
+    manifest: Path
+    activity: Path
+    areas: int
+    skipped: list[InputError] = field(default_factory=list)
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+def convert_urfc(
+    root: str | PathLike[str],
+    output: str | PathLike[str],
+    *,
+    regular_days: int = REGULAR_DAYS,
+    on_error: str = "stop",
+    workers: int = 2,
+    chunk: int = 256,
+) -> UrfcConversion:
+    """Convert a URFC folder into this project's inputs: ``output/manifest.csv`` (``sample_id,
+    image, area_id, start, hours, label, split``; labels by category name, test rows unlabelled)
+    and ``output/activity.parquet`` (``area_id``, hourly ``timestamp`` in Asia/Shanghai, and the
+    :data:`CHANNELS` counts of :func:`read_urfc_channels`), one row per area and hour.
+
+    Visit files are parsed in ``workers`` processes and written ``chunk`` areas per row group,
+    so memory follows the chunk, not the number of regions. Problems (layout, undecodable or
+    malformed files) are all listed; ``on_error="stop"`` raises them and writes nothing,
+    ``"skip"`` leaves those regions out and lists them in ``output/skipped.csv``.
+    """
+    import multiprocessing
+    import time
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from rich.progress import track
+
+    from fusion.errors import InputErrors
+    from fusion.io import atomic_path, check_replaceable
+
+    if on_error not in ("stop", "skip"):
+        raise InputError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    output = Path(output)
+    paths = {name: output / name for name in ("manifest.csv", "activity.parquet", "skipped.csv")}
+    for path in paths.values():
+        check_replaceable(path)
+    areas, errors = scan_urfc(root)
+    if errors and on_error == "stop":
+        raise InputErrors(errors)
+    bad = {e.file for e in errors}
+    areas = [a for a in areas if str(a.image) not in bad and str(a.visits) not in bad]
+    start = time.perf_counter()
+    stamps = _hour_stamps()
+    schema = pa.schema(
+        [("area_id", pa.string()), ("timestamp", pa.timestamp("us", tz=URFC_TIMEZONE))]
+        + [(name, pa.float32()) for name in CHANNELS]
+    )
+    kept: list[UrfcArea] = []
+    jobs = [(a.visits, regular_days) for a in areas]
+    with (
+        atomic_path(paths["activity.parquet"]) as tmp,
+        multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool,
+    ):
+        writer = pq.ParquetWriter(tmp, schema)
+        pending: list[tuple[str, np.ndarray]] = []
+
+        def flush() -> None:
+            ids = np.repeat([a for a, _ in pending], HOURS)
+            values = np.concatenate([c for _, c in pending], axis=1)  # (3, n * HOURS)
+            columns = [pa.array(ids), pa.array(np.tile(stamps, len(pending)), schema[1].type)]
+            columns += [pa.array(v) for v in values]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            pending.clear()
+
+        results = pool.imap(_channels_or_error, jobs, chunksize=16)
+        for area, counts in track(
+            zip(areas, results, strict=True), total=len(areas), description="URFC visit files"
+        ):
+            if isinstance(counts, InputError):
+                errors.append(counts)
+                continue
+            kept.append(area)
+            pending.append((area.area_id, counts))
+            if len(pending) >= chunk:
+                flush()
+        if pending:
+            flush()
+        writer.close()
+        if errors and on_error == "stop":
+            raise InputErrors(errors)
+    if not kept:
+        raise InputError("no region could be converted", file=root)
+    first = datetime.combine(URFC_FIRST_DAY, datetime.min.time()).isoformat() + "+08:00"
+    manifest = pd.DataFrame({
+        "sample_id": [a.area_id for a in kept],
+        "image": [os.path.relpath(a.image, output) for a in kept],
+        "area_id": [a.area_id for a in kept],
+        "start": first,
+        "hours": HOURS,
+        "label": [a.label for a in kept],
+        "split": [a.split for a in kept],
+    })  # fmt: skip
+    with atomic_path(paths["manifest.csv"]) as tmp:
+        manifest.to_csv(tmp, index=False)
+    result = UrfcConversion(
+        paths["manifest.csv"], paths["activity.parquet"], len(kept), errors,
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    if errors:
+        report = pd.DataFrame({
+            "file": [e.file for e in errors], "line": [e.line for e in errors],
+            "problem": [e.message for e in errors],
+        })  # fmt: skip
+        with atomic_path(paths["skipped.csv"]) as tmp:
+            report.to_csv(tmp, index=False)
+        result.report = paths["skipped.csv"]
+    return result
+
+
+def _hour_stamps() -> np.ndarray:
+    """The 4,368 hours from 2018-10-01 00:00 Asia/Shanghai (UTC+8), as UTC microseconds."""
+    first = datetime(2018, 9, 30, 16, tzinfo=UTC)  # 2018-10-01 00:00 +08:00
+    epoch_us = int(first.timestamp()) * 1_000_000
+    return epoch_us + np.arange(HOURS, dtype=np.int64) * 3_600_000_000
