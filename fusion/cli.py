@@ -96,6 +96,13 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--format",
+        choices=["csv", "urfc"],
+        default="csv",
+        help="urfc: also a URFC submission (AreaID<TAB>CategoryID per area) beside the CSV, "
+        "with the .txt suffix",
+    )
 
 
 def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -107,6 +114,7 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     os.environ.setdefault("GDAL_CACHEMAX", "256")  # MB
 
     from fusion.data.prediction import ManifestSamples, PredictionDataModule, RegionSamples
+    from fusion.io import atomic_path, check_replaceable
     from fusion.predict import check_output, load_model, predict
 
     if (args.manifest is None) == (args.raster is None):
@@ -114,6 +122,11 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.raster is not None and args.regions is None:
         parser.error("--raster needs --regions")
     check_output(args.output, regions=args.raster is not None)  # before any work
+    submission = args.output.with_suffix(".txt")
+    if args.format == "urfc":
+        if args.manifest is None:
+            parser.error("--format urfc needs --manifest (the converted URFC manifest)")
+        check_replaceable(submission)
     task, contract = load_model(args.ckpt_path)
     if args.bands:
         contract = dataclasses.replace(contract, bands=tuple(args.bands))
@@ -130,6 +143,16 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )  # fmt: skip
     data = PredictionDataModule(samples, batch_size=args.batch_size, num_workers=args.num_workers)
     result = predict(task, data, args.output, device=args.device)
+    if args.format == "urfc":
+        import pandas as pd
+
+        from fusion.data.urfc import urfc_submission
+
+        rows = pd.read_csv(result.output, dtype=str, keep_default_na=False)
+        text = urfc_submission(rows["sample_id"].tolist(), rows["pred"].tolist())
+        with atomic_path(submission) as tmp:
+            tmp.write_text(text)
+        print(f"wrote {submission} ({len(rows)} areas)")
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts().items()))
     print(f"wrote {result.output} ({len(result.pred)} rows; {counts})")
     if result.map is not None:

@@ -305,3 +305,19 @@ def _hour_stamps() -> np.ndarray:
     first = datetime(2018, 9, 30, 16, tzinfo=UTC)  # 2018-10-01 00:00 +08:00
     epoch_us = int(first.timestamp()) * 1_000_000
     return epoch_us + np.arange(HOURS, dtype=np.int64) * 3_600_000_000
+
+
+def urfc_submission(area_ids: list[str], labels: list[str]) -> str:
+    """A URFC submission: ``AreaID<TAB>CategoryID`` per area (e.g. ``000000\\t001``), from each
+    area's predicted class name (one of :data:`URFC_CATEGORIES`). Raises for a class that is not
+    a URFC category or an area without a prediction (listed)."""
+    ids = {name: f"{i:03d}" for i, name in enumerate(URFC_CATEGORIES, start=1)}
+    missing = [a for a, label in zip(area_ids, labels, strict=True) if label not in ids]
+    if missing:
+        shown = ", ".join(missing[:5])
+        raise InputError(
+            f"{len(missing)} areas have no URFC category predicted ({shown}, ...): a submission "
+            "needs one for every area (see the CSV's status and note columns)"
+        )
+    lines = [f"{a.split('_')[0]}\t{ids[label]}" for a, label in zip(area_ids, labels, strict=True)]
+    return "\n".join(lines) + "\n"

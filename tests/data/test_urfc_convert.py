@@ -13,8 +13,9 @@ from PIL import Image
 
 from fusion.cli import main
 from fusion.data.series import SeriesTable, parse_start
-from fusion.data.urfc import HOURS, URFC_TIMEZONE, convert_urfc
-from fusion.errors import InputErrors
+from fusion.data.urfc import HOURS, URFC_TIMEZONE, convert_urfc, urfc_submission
+from fusion.errors import InputError, InputErrors
+from tests.conftest import config
 
 # Per region: visit lines. 2018-10-01 (a Monday) is day 0; hour h of day d is slot 24 d + h.
 # "reg" is seen on 7 distinct days (a regular with the default 7), "once" on one day.
@@ -136,3 +137,42 @@ def test_skip_leaves_bad_regions_out_and_lists_them(urfc: Path, tmp_path: Path, 
     assert report["file"].tolist() == [str(bad)] and report["line"].tolist() == [2]
     printed = capsys.readouterr().out
     assert "5 regions" in printed and "files/s" in printed and "skipped.csv" in printed
+
+
+def test_converted_urfc_trains_and_predicts_a_submission(
+    urfc: Path, tmp_path: Path, shared_data: Path, vit_weights: Path, capsys
+) -> None:
+    """The converted folder goes through the one data path: fit (configs/urfc.yaml read over a
+    variant, tiny settings), then predict the test regions into a URFC submission."""
+    out = tmp_path / "converted"
+    convert_urfc(urfc, out, workers=1)
+    run = tmp_path / "run"
+    argv = [
+        "fit", *config("mbt_mid"), "--config", "configs/urfc.yaml",
+        "--data.manifest", str(out / "manifest.csv"),
+        "--data.series", str(out / "activity.parquet"),
+        "--data.image_size", "28", "--data.cache_dir", str(tmp_path / "cache"),
+        "--model.net.vit_weights", str(vit_weights), "--model.net.token_grid", "2",
+        "--trainer.max_epochs", "1", "--trainer.logger", "false", "--refit", "false",
+        "--trainer.default_root_dir", str(run),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    preds = tmp_path / "preds.csv"
+    argv = ["predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+            "--manifest", str(out / "manifest.csv"), "--series", str(out / "activity.parquet"),
+            "--split", "test", "--format", "urfc", "--output", str(preds)]  # fmt: skip
+    assert main(argv) == 0
+    rows = pd.read_csv(preds, dtype=str, keep_default_na=False)
+    assert rows["status"].tolist() == ["image+series"] * 2
+    lines = preds.with_suffix(".txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["000000", "000005"]
+    categories = {f"{i:03d}" for i in range(1, 10)}
+    assert all(line.split("\t")[1] in categories for line in lines)
+    assert "2 areas" in capsys.readouterr().out
+
+
+def test_a_submission_needs_a_category_for_every_area() -> None:
+    text = urfc_submission(["000000", "000007_003"], ["school", "hospital"])
+    assert text == "000000\t002\n000007\t009\n"
+    with pytest.raises(InputError, match="1 areas have no URFC category predicted \\(000001"):
+        urfc_submission(["000000", "000001"], ["school", ""])
