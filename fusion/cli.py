@@ -144,15 +144,13 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     data = PredictionDataModule(samples, batch_size=args.batch_size, num_workers=args.num_workers)
     result = predict(task, data, args.output, device=args.device)
     if args.format == "urfc":
-        import pandas as pd
-
         from fusion.data.urfc import urfc_submission
 
-        rows = pd.read_csv(result.output, dtype=str, keep_default_na=False)
-        text = urfc_submission(rows["sample_id"].tolist(), rows["pred"].tolist())
+        areas = data.describe()["sample_id"].tolist()
+        labels = [task.classes[p] if p >= 0 else "" for p in result.pred]
         with atomic_path(submission) as tmp:
-            tmp.write_text(text)
-        print(f"wrote {submission} ({len(rows)} areas)")
+            tmp.write_text(urfc_submission(areas, labels))
+        print(f"wrote {submission} ({len(areas)} areas)")
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts().items()))
     print(f"wrote {result.output} ({len(result.pred)} rows; {counts})")
     if result.map is not None:

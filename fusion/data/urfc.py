@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
+from datetime import time as clock_time
 from os import PathLike
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 
@@ -233,7 +235,8 @@ def convert_urfc(
     bad = {e.file for e in errors}
     areas = [a for a in areas if str(a.image) not in bad and str(a.visits) not in bad]
     start = time.perf_counter()
-    stamps = _hour_stamps()
+    first = _first_hour()
+    stamps = _hour_stamps(first)
     schema = pa.schema(
         [("area_id", pa.string()), ("timestamp", pa.timestamp("us", tz=URFC_TIMEZONE))]
         + [(name, pa.float32()) for name in CHANNELS]
@@ -273,12 +276,11 @@ def convert_urfc(
             raise InputErrors(errors)
     if not kept:
         raise InputError("no region could be converted", file=root)
-    first = datetime.combine(URFC_FIRST_DAY, datetime.min.time()).isoformat() + "+08:00"
     manifest = pd.DataFrame({
         "sample_id": [a.area_id for a in kept],
         "image": [os.path.relpath(a.image, output) for a in kept],
         "area_id": [a.area_id for a in kept],
-        "start": first,
+        "start": first.isoformat(),
         "hours": HOURS,
         "label": [a.label for a in kept],
         "split": [a.split for a in kept],
@@ -300,11 +302,14 @@ def convert_urfc(
     return result
 
 
-def _hour_stamps() -> np.ndarray:
-    """The 4,368 hours from 2018-10-01 00:00 Asia/Shanghai (UTC+8), as UTC microseconds."""
-    first = datetime(2018, 9, 30, 16, tzinfo=UTC)  # 2018-10-01 00:00 +08:00
-    epoch_us = int(first.timestamp()) * 1_000_000
-    return epoch_us + np.arange(HOURS, dtype=np.int64) * 3_600_000_000
+def _first_hour() -> datetime:
+    """The first hour of the visit records, 2018-10-01 00:00 in China time."""
+    return datetime.combine(URFC_FIRST_DAY, clock_time(), tzinfo=ZoneInfo(URFC_TIMEZONE))
+
+
+def _hour_stamps(first: datetime) -> np.ndarray:
+    """The 4,368 hours from ``first``, as UTC microseconds."""
+    return int(first.timestamp()) * 1_000_000 + np.arange(HOURS, dtype=np.int64) * 3_600_000_000
 
 
 def urfc_submission(area_ids: list[str], labels: list[str]) -> str:
