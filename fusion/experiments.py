@@ -39,7 +39,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fusion.calibration import calibration_errors, expected_calibration_error
+from fusion.calibration import (
+    calibrated_probabilities,
+    calibration_errors,
+    expected_calibration_error,
+)
 from fusion.configs import CONFIG_DIR, config_args, config_files
 from fusion.io import atomic_path
 from fusion.metrics import SCALARS, confusion_matrix, draw_confusion, macro_f1, scores
@@ -229,9 +233,9 @@ def _probe(task: Any, dm: Any) -> Outcome:
     train_seconds = time.perf_counter() - start - token_seconds
     start = time.perf_counter()
     test = rows["test"]
-    probs = probe.probabilities(features[test], k)
-    test_seconds = time.perf_counter() - start
     logits = torch.from_numpy(probe.logits(features[test], k))
+    probs = calibrated_probabilities(logits, probe.temperature).numpy()
+    test_seconds = time.perf_counter() - start
     labels = torch.from_numpy(dm.labels[test])
     ece, ece_calibrated = calibration_errors(logits, labels, probe.temperature)
     size = probe.model.coef_.size + probe.model.intercept_.size

@@ -182,6 +182,7 @@ class FusionDataModule(L.LightningDataModule):
         self.image_tokens: np.ndarray | None = None  # (N, 1 + G*G, D) float16, see use_image_tokens
         self._tokens_key: list[Any] | None = None
         self._encoder: tuple[Encode, Sequence[Any]] | None = None  # what use_image_tokens got
+        self._tile_files: list[Any] | None = None  # file fingerprints of the rows' tiles
         self.token_seconds = 0.0  # spent computing (not loading) frozen image tokens
 
     # ------------------------------------------------------------------ preparation
@@ -403,10 +404,13 @@ class FusionDataModule(L.LightningDataModule):
         self.setup()
         assert self.band_stats is not None
         self._encoder = (encode, identity)
-        files = [None if p is None else file_fingerprint(p) for p in self.image_paths]
-        key = [*identity, [self.band_stats.to_dict(), self.bands, self.nodata], files]
+        if self._tile_files is None:  # each tile's identity, read once
+            self._tile_files = [
+                None if p is None else file_fingerprint(p) for p in self.image_paths
+            ]
+        key = [*identity, [self.band_stats.to_dict(), self.bands, self.nodata], self._tile_files]
         if key == self._tokens_key:
-            return  # every validation epoch lands here: no re-encoding
+            return  # each stage of a run (fit, test, predict) lands here: no re-encoding
         self.image_tokens = None  # encode the tiles themselves
         tokens, seconds = cached_image_tokens(
             self.dataset("all"), encode, key, cache_dir=self.hparams.cache_dir
