@@ -115,7 +115,7 @@ def test_cli_fit_then_test_end_to_end(trained_run: TrainedRun, small_manifest: P
     assert info["classes"] == sorted(pd.read_csv(small_manifest)["label"].unique())
     assert len(info["band_stats"]["mean"]) == 3 and info["hours"] == 672
     assert saved["hyper_parameters"]["net"]["fusion"] == "mbt"
-    assert list(trained_run.cache.glob("vit-tokens-*.npz"))  # frozen ViT tokens cached
+    assert list(trained_run.cache.glob("vit-tokens-*/tokens.npy"))  # frozen ViT tokens cached
     # A temperature was fitted on the val rows and saved with the weights.
     temperature = float(saved["state_dict"]["temperature"])
     assert 0.05 <= temperature <= 20 and temperature != 1.0

@@ -1,7 +1,12 @@
-"""A small on-disk cache of NumPy arrays keyed by a hash of everything that produced them.
+"""An on-disk cache of NumPy arrays keyed by a hash of everything that produced them.
 
-Entries are written to a temporary file and renamed, so an interrupted build never leaves a
-half-written entry. The folder is ``$FUSION_CACHE`` or ``~/.cache/fusion``.
+An entry is a folder ``<name>-<key>/`` of ``.npy`` files, opened memory-mapped and read-only: a
+sample reads its slice from disk, so arrays larger than memory (windows of hundreds of thousands
+of regions) cost only the pages in use. The builder fills arrays handed out by an allocator, one
+chunk at a time if it likes; the folder is written under a temporary name and renamed when
+complete, so an interrupted build never leaves a half-written entry. The cache folder is
+``$FUSION_CACHE`` or ``~/.cache/fusion``. Entries of earlier versions (one ``.npz`` file) are
+still read, into memory.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
@@ -16,16 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from fusion.io import atomic_path
+# Hands out an array of (name, shape, dtype), zero-filled, for the builder to fill.
+Allocate = Callable[[str, tuple[int, ...], Any], np.ndarray]
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FUSION_CACHE", Path.home() / ".cache" / "fusion"))
 
 
-def file_fingerprint(path: str | PathLike[str]) -> dict[str, Any]:
-    """Identity of a file for cache keys: resolved path, size and modification time."""
+def file_fingerprint(path: str | PathLike[str]) -> dict[str, Any] | list[dict[str, Any]]:
+    """Identity of a file for cache keys: resolved path, size and modification time; of a
+    folder (a partitioned table), the fingerprints of every file in it, in path order."""
     path = Path(path).resolve()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return [file_fingerprint(p) for p in files]  # type: ignore[misc]
     stat = path.stat()
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -39,23 +51,56 @@ def cache_key(*parts: Any) -> str:
 def cached_arrays(
     name: str,
     key: str,
-    build: Callable[[], dict[str, np.ndarray]],
+    build: Callable[[Allocate], None],
     *,
     cache_dir: str | PathLike[str] | None = None,
 ) -> tuple[dict[str, np.ndarray], bool]:
-    """Load ``<cache_dir>/<name>-<key>.npz`` or build, save and return it.
+    """The arrays of ``<cache_dir>/<name>-<key>/`` (memory-mapped, read-only), or built by
+    ``build(allocate)``, saved and returned; and whether they came from the cache.
 
-    Returns the arrays and whether they came from the cache. ``cache_dir=None`` uses the default
-    folder; pass ``False``-like empty string to disable caching.
+    ``cache_dir=None`` uses the default folder; ``""`` disables caching (the arrays are built
+    in memory).
     """
     if cache_dir == "":
-        return build(), False
+        arrays: dict[str, np.ndarray] = {}
+
+        def in_memory(array: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            arrays[array] = np.zeros(shape, dtype=dtype)
+            return arrays[array]
+
+        build(in_memory)
+        return arrays, False
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = folder / f"{name}-{key}.npz"
-    if target.is_file():
-        with np.load(target, allow_pickle=False) as data:
+    target = folder / f"{name}-{key}"
+    if target.is_dir():
+        return _open(target), True
+    legacy = target.with_suffix(".npz")
+    if legacy.is_file():
+        with np.load(legacy, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}, True
-    arrays = build()
-    with atomic_path(target) as tmp:
-        np.savez(tmp, **arrays)
-    return arrays, False
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{target.name}-"))
+    try:
+        opened: list[np.memmap] = []
+
+        def on_disk(array: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            out = np.lib.format.open_memmap(tmp / f"{array}.npy", "w+", dtype, shape)
+            opened.append(out)
+            return out
+
+        build(on_disk)
+        for array in opened:
+            array.flush()
+        opened.clear()  # unmapped: the folder is complete on disk
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished the same entry first: use theirs
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open(target), False
+
+
+def _open(folder: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p, mmap_mode="r") for p in sorted(folder.glob("*.npy"))}

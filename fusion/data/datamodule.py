@@ -9,7 +9,7 @@ fixed), class weights, the cached series windows and the loaders.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from fusion.data.cache import cache_key, cached_arrays, file_fingerprint
+from fusion.data.cache import Allocate, cache_key, cached_arrays, file_fingerprint
 from fusion.data.contract import DataContract
 from fusion.data.datasets import PairedDataset, WithImageTokens
 from fusion.data.manifest import (
@@ -31,7 +31,13 @@ from fusion.data.manifest import (
     load_manifest,
     resolve_image_root,
 )
-from fusion.data.samples import SeriesArrays, build_series_windows, label_indices, scan_tiles
+from fusion.data.samples import (
+    KEYS_PER_PASS,
+    SeriesArrays,
+    build_series_windows,
+    label_indices,
+    scan_tiles,
+)
 from fusion.data.series import (
     KEY_COLUMN,
     MIN_PRESENT,
@@ -251,9 +257,7 @@ class FusionDataModule(L.LightningDataModule):
             self._datasets[name] = PairedDataset(
                 rows,
                 images=paths,
-                series=series.features,
-                series_mask=series.mask,
-                has_series=series.present,
+                series=series,
                 labels=label_idx,
                 stats=self.band_stats,
                 image_size=self.image_size,
@@ -312,13 +316,13 @@ class FusionDataModule(L.LightningDataModule):
         ]
 
     def _series_windows(self, frame: pd.DataFrame) -> tuple[SeriesArrays | None, list[InputError]]:
-        """Windows of all rows (cached); ``None`` with the problems if any row is bad."""
+        """Windows of all rows, cached on disk and memory-mapped (built once per table, rows
+        and settings); ``None`` with the problems if any row is bad."""
         hp = self.hparams
         keyed = (frame[self.key_column] != "").any()
         if not keyed:
-            empty = np.zeros((len(frame), 0, self.n_features))
-            none = np.zeros((len(frame), 0), dtype=bool)
-            return SeriesArrays(empty.astype(np.float32), none, np.zeros(len(frame), bool)), []
+            arrays = SeriesArrays.allocate(np.zeros, len(frame), 0, len(self.value_columns))
+            return arrays, []
         if self.series_path is None:
             raise InputError(
                 f"the manifest names series keys ('{self.key_column}') but no series table was "
@@ -326,33 +330,30 @@ class FusionDataModule(L.LightningDataModule):
                 file=self.manifest_path,
             )
         key = cache_key(
-            "series-windows-v1",
+            "series-windows-v2",
             file_fingerprint(self.series_path),
             frame[[self.key_column, "start", "hours"]].to_numpy().tolist(),
             [hp.key_column, hp.time_column, list(self.value_columns)],
             [hp.timezone, hp.log1p, hp.min_present],
         )
 
-        def build() -> dict[str, np.ndarray]:
-            table = SeriesTable.read(
-                self.series_path,
-                key_column=hp.key_column,
-                time_column=hp.time_column,
-                value_columns=self.value_columns,
-                timezone=hp.timezone,
-            )
-            arrays, found = build_series_windows(
-                frame,
-                table,
-                manifest_path=self.manifest_path,
-                key_column=self.key_column,
-                timezone=hp.timezone,
-                min_present=hp.min_present,
-                log1p=hp.log1p,
-            )
+        def read_table(keys: Collection[str], span: tuple[pd.Timestamp, pd.Timestamp]) -> Any:
+            return SeriesTable.read(
+                self.series_path, key_column=hp.key_column, time_column=hp.time_column,
+                value_columns=self.value_columns, timezone=hp.timezone, keys=keys, span=span,
+            )  # fmt: skip
+
+        def build(allocate: Allocate) -> None:
+            # A CSV is parsed whole at each read: one pass (Parquet skips what a pass needs not).
+            csv = self.series_path.name.lower().endswith((".csv", ".csv.gz"))
+            _, found = build_series_windows(
+                frame, read_table, allocate, value_columns=self.value_columns,
+                manifest_path=self.manifest_path, key_column=self.key_column,
+                timezone=hp.timezone, min_present=hp.min_present, log1p=hp.log1p,
+                keys_per_pass=None if csv else KEYS_PER_PASS,
+            )  # fmt: skip
             if found:
                 raise InputErrors(found)
-            return arrays.as_dict()
 
         try:
             arrays, _ = cached_arrays("series", key, build, cache_dir=hp.cache_dir)
@@ -360,7 +361,7 @@ class FusionDataModule(L.LightningDataModule):
             return None, err.errors
         except InputError as err:
             return None, [err]
-        return SeriesArrays(arrays["features"], arrays["mask"], arrays["present"]), []
+        return SeriesArrays.from_dict(arrays), []
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -369,7 +370,7 @@ class FusionDataModule(L.LightningDataModule):
 
     @property
     def hours(self) -> int:
-        return int(self.series.features.shape[1])
+        return self.series.hours
 
     def class_weights(self) -> torch.Tensor:
         """Inverse-frequency weights over the training rows, ``(K,)``; absent classes get 0."""

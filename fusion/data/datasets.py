@@ -1,7 +1,8 @@
 """The datasets of the data layer.
 
 - :class:`PairedDataset`: rows of a checked training manifest, series windows pre-built (see
-  :mod:`fusion.data.samples`), tiles decoded on access so that DataLoader workers share the work;
+  :mod:`fusion.data.samples`; memory-mapped, each read from disk on access), tiles decoded on
+  access so that DataLoader workers share the work;
 - :class:`WithImageTokens`: a dataset's samples with a frozen image encoder's cached tokens in
   place of the decoded tile (see :mod:`fusion.data.tokens`).
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fusion.data.samples import Sample, make_sample, tile_tensor
+from fusion.data.samples import Sample, SeriesArrays, make_sample, tile_tensor
 from fusion.data.tiles import BandStats, read_tile
 
 
@@ -36,9 +37,7 @@ class PairedDataset(Dataset[Sample]):
         rows: Sequence[int],
         *,
         images: Sequence[Path | None],
-        series: np.ndarray,
-        series_mask: np.ndarray,
-        has_series: np.ndarray,
+        series: SeriesArrays,
         labels: np.ndarray,
         stats: BandStats,
         image_size: int,
@@ -48,8 +47,6 @@ class PairedDataset(Dataset[Sample]):
         self.rows = list(rows)
         self.images = images
         self.series = series
-        self.series_mask = series_mask
-        self.has_series = has_series
         self.labels = labels
         self.stats = stats
         self.image_size = image_size
@@ -74,13 +71,14 @@ class PairedDataset(Dataset[Sample]):
         else:
             tile = None if path is None else read_tile(path, bands=self.bands, nodata=self.nodata)
             image = tile_tensor(tile, size=self.image_size, stats=self.stats)
+        features, mask = self.series.features(row)
         return make_sample(
             row,
             image=image,
-            series=self.series[row],
-            series_mask=self.series_mask[row],
+            series=features,
+            series_mask=mask,
             has_image=path is not None,
-            has_series=bool(self.has_series[row]),
+            has_series=bool(self.series.present[row]),
             label=int(self.labels[row]),
         )
 
@@ -98,5 +96,5 @@ class WithImageTokens(Dataset[Sample]):
 
     def __getitem__(self, item: int) -> Sample:
         sample = self.base[item]
-        sample["image_tokens"] = torch.from_numpy(self.tokens[int(sample["index"])])
+        sample["image_tokens"] = torch.from_numpy(np.array(self.tokens[int(sample["index"])]))
         return sample

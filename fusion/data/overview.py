@@ -81,7 +81,7 @@ def write_gallery(dm: FusionDataModule, path: Path) -> Path:
             ax_img.imshow(display_rgb(tile.data, tile.valid))
         ax_img.set_title(f"{name}\n{sid}", fontsize=9)
         if dm.series.present[row]:
-            values = dm.series.features[row, :, 0].astype(float)
+            values = dm.series.values[row, :, 0].astype(float)
             values = np.expm1(values) if dm.hparams.log1p else values
             values[~dm.series.mask[row]] = np.nan
             ax_ser.plot(np.arange(len(values)) / 24, values, lw=0.7)

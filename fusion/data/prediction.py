@@ -57,21 +57,26 @@ from fusion.errors import InputError, InputErrors
 
 def _read_series(
     path: Path | None, contract: DataContract, timezone: str | None, keys: Sequence[str],
-    where: Path,
+    starts: Sequence[pd.Timestamp | None], where: Path,
 ) -> SeriesTable | None:  # fmt: skip
-    """The activity table if any sample names a series key; some key must be in it."""
-    if not any(keys):
+    """The activity table's rows of the samples' keys within their windows, if any sample
+    names a series key; some key must be in it."""
+    if not any(keys) or not any(s is not None for s in starts):
         return None
     if path is None:
         raise InputError(
             "samples name series keys but no activity table was given (--series)", file=where
         )
+    first = min(s for s in starts if s is not None)
+    last = max(s for s in starts if s is not None) + pd.Timedelta(hours=contract.hours - 1)
     table = SeriesTable.read(
         path,
         key_column=contract.key_column,
         time_column=contract.time_column,
         value_columns=contract.value_columns,
         timezone=timezone,
+        keys={k for k in keys if k},
+        span=(first, last),
     )
     if not any(k in table for k in keys if k):
         shown = ", ".join(sorted({k for k in keys if k})[:5])
@@ -176,7 +181,9 @@ class ManifestSamples(Dataset[Sample]):
         if errors:
             raise InputErrors(errors)
         series_path = Path(series) if series else default_series_path(self.path)
-        table = _read_series(series_path, contract, zone, frame[key].tolist(), self.path)
+        table = _read_series(
+            series_path, contract, zone, frame[key].tolist(), self.starts, self.path
+        )
         self.reader = _reader(table, contract)
 
     def __len__(self) -> int:
@@ -275,8 +282,9 @@ class RegionSamples(Dataset[Sample]):
             self.start = parse_start(start, timezone=zone)
             keys = ["" if pd.isna(k) else str(k) for k in frame[key]]
         table = _read_series(
-            Path(series) if series else None, contract, zone, keys, self.raster.regions_path
-        )
+            Path(series) if series else None, contract, zone, keys, [self.start],
+            self.raster.regions_path,
+        )  # fmt: skip
         self.keys = keys or [""] * len(self.raster)
         self.reader = _reader(table, contract)
 

@@ -1,7 +1,13 @@
 """Long-format hourly activity tables (key, timestamp, values...) cut into fixed windows.
 
-A table is read once (``.csv``, ``.csv.gz`` or ``.parquet``) and validated with vectorized
-operations (no Python loop per row). Each key keeps its sorted UTC epoch hours ``(n,)``, its values
+A table (``.csv``, ``.csv.gz``, ``.parquet``, or a folder of Parquet files: a partitioned dataset,
+hive-style ``column=value/`` folders allowed) is read in chunks and validated with vectorized
+operations (no Python loop per row). A read may keep only some keys and a span of hours: Parquet
+files and their row groups that cannot hold them are skipped unread (Arrow's dataset fragments,
+pruned by partition values and column statistics), and rows outside them are dropped before
+their values are parsed, so memory follows the rows kept, not the table.
+
+Each key keeps its sorted UTC epoch hours ``(n,)``, its values
 ``(n, F)`` float32 and the local UTC offset of every row ``(n,)`` in minutes, so a window of ``T``
 consecutive absolute hours is cut with two binary searches.
 
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import re
 import zoneinfo
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -31,7 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 from fusion.errors import InputError, header_hint
 
@@ -88,24 +94,42 @@ class _KeySeries:
 
 @dataclass(frozen=True, eq=False)
 class _Rows:
-    """Locates data rows by their index after blank lines were dropped.
+    """Locates data rows by file and position in it (blank lines dropped).
 
-    CSV rows are named by file line (header = line 1), Parquet rows by 1-based row number.
+    CSV rows are named by file line (header = line 1), Parquet rows by 1-based row number in
+    their file; ``part (n,)`` indexes ``files`` (a partitioned table has several).
     """
 
-    path: Path
+    files: tuple[Path, ...]
+    part: np.ndarray
     positions: np.ndarray
     csv: bool
 
+    @classmethod
+    def of(cls, path: Path, positions: np.ndarray, csv: bool) -> _Rows:
+        return cls((path,), np.zeros(len(positions), dtype=np.int32), positions, csv)
+
+    @classmethod
+    def concat(cls, parts: Sequence[_Rows]) -> _Rows:
+        files = tuple(dict.fromkeys(f for r in parts for f in r.files))
+        index = {f: i for i, f in enumerate(files)}
+        part = [np.array([index[f] for f in r.files], dtype=np.int32)[r.part] for r in parts]
+        positions = np.concatenate([r.positions for r in parts])
+        return cls(files, np.concatenate(part), positions, parts[0].csv)
+
+    def subset(self, keep: np.ndarray) -> _Rows:
+        return _Rows(self.files, self.part[keep], self.positions[keep], self.csv)
+
     def name(self, index: int) -> str:
         position = int(self.positions[index])
-        return f"line {position + 2}" if self.csv else f"row {position + 1}"
+        where = f"line {position + 2}" if self.csv else f"row {position + 1}"
+        return where if len(self.files) == 1 else f"{where} of {self.files[self.part[index]]}"
 
     def error(self, message: str, index: int, field: str | None) -> InputError:
-        position = int(self.positions[index])
+        position, path = int(self.positions[index]), self.files[self.part[index]]
         if self.csv:
-            return InputError(message, file=self.path, line=position + 2, field=field)
-        return InputError(message, file=self.path, where=f"row {position + 1}", field=field)
+            return InputError(message, file=path, line=position + 2, field=field)
+        return InputError(message, file=path, where=f"row {position + 1}", field=field)
 
 
 CHUNK_ROWS = 1_000_000
@@ -153,11 +177,13 @@ class SeriesTable:
         value_columns: tuple[str, ...],
         timezone: str | None,
         series: dict[str, _KeySeries],
+        span: tuple[pd.Timestamp, pd.Timestamp] | None = None,
     ) -> None:
         self._path = path
         self._value_columns = value_columns
         self._timezone = timezone
         self._series = series
+        self._span = span  # the hours read, when not all of them
 
     @classmethod
     def read(
@@ -169,6 +195,8 @@ class SeriesTable:
         value_columns: tuple[str, ...] = ("count",),
         timezone: str | None = None,
         chunk_rows: int = CHUNK_ROWS,
+        keys: Collection[str] | None = None,
+        span: tuple[pd.Timestamp, pd.Timestamp] | None = None,
     ) -> SeriesTable:
         """Read and validate a long-format table with one row per (key, hour).
 
@@ -176,38 +204,53 @@ class SeriesTable:
         sets the zone of the local calendar (otherwise each row's own offset is used). The file
         is parsed ``chunk_rows`` rows at a time; only compact per-row arrays (key code, hour,
         offset, values: about 20 bytes a row) are kept, so memory follows the number of rows at
-        that rate, not the size of the text.
+        that rate, not the size of the text. ``keys`` and ``span`` (first and last UTC hour, both
+        included) keep only those rows: the others are neither kept nor checked.
         """
         path = Path(path)
         value_columns = tuple(value_columns)
         if not value_columns:
             raise InputError("no value columns requested", file=path)
         zone = None if timezone is None else _check_zone(timezone, path)
+        wanted = None if keys is None else frozenset(keys)
+        hours = None if span is None else (_epoch_hour(span[0]), _epoch_hour(span[1]))
         state = _TimeState()
         parts: list[_Chunk] = []
-        for frame, rows in _load(path, key_column, time_column, value_columns, chunk_rows):
+        columns = (key_column, time_column, value_columns)
+        for frame, rows in _load(path, *columns, chunk_rows, wanted, span):
+            if wanted is not None:  # before any parsing: rows of other keys are not checked
+                keep = frame[key_column].astype("str").isin(wanted).to_numpy()
+                frame, rows = frame[keep].reset_index(drop=True), rows.subset(keep)
             if frame.empty:
                 continue
-            codes, keys = _parse_keys(frame[key_column], rows, key_column)
+            codes, chunk_keys = _parse_keys(frame[key_column], rows, key_column)
             utc_us, offsets = _parse_times(
-                frame[time_column], codes, keys, zone, rows, time_column, state
+                frame[time_column], codes, chunk_keys, zone, rows, time_column, state
             )
+            if hours is not None:
+                hour = utc_us // _US_PER_HOUR
+                keep = (hour >= hours[0]) & (hour <= hours[1])
+                frame, rows = frame[keep].reset_index(drop=True), rows.subset(keep)
+                codes, utc_us, offsets = codes[keep], utc_us[keep], offsets[keep]
+                if frame.empty:
+                    continue
             values = _parse_values(frame, value_columns, rows)
-            parts.append(_Chunk(keys, codes, utc_us // _US_PER_HOUR, values, offsets, rows))
+            parts.append(_Chunk(chunk_keys, codes, utc_us // _US_PER_HOUR, values, offsets, rows))
             del frame  # only the compact arrays outlive the chunk
-        if not parts:
+        if not parts and wanted is None and span is None:
             raise InputError("table has no data rows", file=path)
-        keys, codes = _merge_keys(parts)
-        rows = _Rows(path, np.concatenate([c.rows.positions for c in parts]), parts[0].rows.csv)
+        if not parts:  # none of the keys asked for, in the span: no series to read
+            return cls(path, value_columns, zone, {}, span)
+        keys_, codes = _merge_keys(parts)
         series = _split(
-            keys,
+            keys_,
             codes,
             np.concatenate([c.hours for c in parts]),
             np.concatenate([c.values for c in parts]),
             np.concatenate([c.offsets for c in parts]),
-            rows,
+            _Rows.concat([c.rows for c in parts]),
         )
-        return cls(path, value_columns, zone, series)
+        return cls(path, value_columns, zone, series, span)
 
     @property
     def keys(self) -> list[str]:
@@ -255,7 +298,7 @@ class SeriesTable:
                 f"window {_hour_stamp(first).isoformat()} .. {_hour_stamp(last).isoformat()} "
                 f"({hours} h) is outside the span of series key {key!r} in {self._path}: "
                 f"{_hour_stamp(int(series.hours[0])).isoformat()} .. "
-                f"{_hour_stamp(int(series.hours[-1])).isoformat()}"
+                f"{_hour_stamp(int(series.hours[-1])).isoformat()}{self._read()}"
             )
         lo, hi = (int(i) for i in np.searchsorted(series.hours, [first, last + 1]))
         slots = series.hours[lo:hi] - first
@@ -281,7 +324,15 @@ class SeriesTable:
         try:
             return self._series[key]
         except KeyError:
-            raise InputError(f"series key {key!r} not found in {self._path}") from None
+            message = f"series key {key!r} not found in {self._path}{self._read()}"
+            raise InputError(message) from None
+
+    def _read(self) -> str:
+        """What of the table was read, for messages: its rows within a span, or all of it."""
+        if self._span is None:
+            return ""
+        first, last = (t.isoformat() for t in self._span)
+        return f" (rows read: {first} .. {last}, the windows asked for)"
 
 
 def parse_start(value: str, *, timezone: str | None = None) -> pd.Timestamp:
@@ -315,16 +366,29 @@ def parse_start(value: str, *, timezone: str | None = None) -> pd.Timestamp:
 def encode_window(window: SeriesWindow, *, log1p: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Model inputs of a window: features ``(T, F + 4)`` float32 and mask ``(T,)`` bool.
 
-    Features are the values (``log1p``-scaled if asked, absent hours 0 after scaling) followed by
-    ``CALENDAR_FEATURES`` (sine/cosine of the local hour of day and day of week).
+    Features are the values (:func:`scale_values`) followed by :func:`calendar_features`.
     """
-    values = np.log1p(window.values) if log1p else window.values
-    values = np.where(window.present[:, None], values, 0.0)
-    hour = 2 * np.pi * window.local_hour / 24
-    dow = 2 * np.pi * window.local_dow / 7
-    calendar = np.stack([np.sin(hour), np.cos(hour), np.sin(dow), np.cos(dow)], axis=1)
-    features = np.concatenate([values, calendar], axis=1).astype(np.float32)
+    features = np.concatenate(
+        [scale_values(window, log1p=log1p), calendar_features(window.local_hour, window.local_dow)],
+        axis=1,
+    )
     return features, window.present.copy()
+
+
+def scale_values(window: SeriesWindow, *, log1p: bool = True) -> np.ndarray:
+    """A window's values as the model reads them, ``(T, F)`` float32: ``log1p``-scaled if asked,
+    absent hours 0 after scaling."""
+    values = np.log1p(window.values) if log1p else window.values
+    return np.where(window.present[:, None], values, 0.0).astype(np.float32)
+
+
+def calendar_features(local_hour: np.ndarray, local_dow: np.ndarray) -> np.ndarray:
+    """``CALENDAR_FEATURES`` of ``T`` slots, ``(T, 4)`` float32: sine and cosine of the local
+    hour of day and day of week."""
+    hour = 2 * np.pi * local_hour / 24
+    dow = 2 * np.pi * local_dow / 7
+    calendar = np.stack([np.sin(hour), np.cos(hour), np.sin(dow), np.cos(dow)], axis=1)
+    return calendar.astype(np.float32)
 
 
 def _check_zone(name: str, path: Path | None) -> str:
@@ -341,24 +405,25 @@ def _load(
     time_column: str,
     value_columns: tuple[str, ...],
     chunk_rows: int = CHUNK_ROWS,
+    keys: frozenset[str] | None = None,
+    span: tuple[pd.Timestamp, pd.Timestamp] | None = None,
 ) -> Iterator[tuple[pd.DataFrame, _Rows]]:
     """The needed columns of the table, ``chunk_rows`` rows at a time, blank CSV lines dropped,
-    each chunk with a locator of its rows (positions in the whole file)."""
-    if not path.is_file():
-        raise InputError("file not found", file=path)
+    each chunk with a locator of its rows (positions in their file). Parquet parts that cannot
+    hold ``keys`` or ``span`` are skipped (:func:`_parquet_chunks`); a CSV is read whole."""
     columns = [key_column, time_column, *value_columns]
     name = path.name.lower()
-    if name.endswith(".parquet"):
-        parquet = pq.ParquetFile(path)
-        _require_columns(columns, parquet.schema_arrow.names, path)
-        start = 0
-        for batch in parquet.iter_batches(batch_size=chunk_rows, columns=columns):
-            frame = batch.to_pandas()
-            yield frame, _Rows(path, start + np.arange(len(frame)), csv=False)
-            start += len(frame)
+    if path.is_dir() or (path.is_file() and name.endswith(".parquet")):
+        yield from _parquet_chunks(path, columns, chunk_rows, keys, span)
         return
+    if not path.is_file():
+        raise InputError("file not found", file=path)
     if not name.endswith((".csv", ".csv.gz")):
-        raise InputError("unsupported table format (expected .csv, .csv.gz or .parquet)", file=path)
+        raise InputError(
+            "unsupported table format (expected .csv, .csv.gz, .parquet or a folder of Parquet "
+            "files)",
+            file=path,
+        )
     try:
         header = pd.read_csv(path, nrows=0).columns
     except pd.errors.EmptyDataError:
@@ -388,10 +453,71 @@ def _load(
             positions = np.flatnonzero(~blank)
             if blank.any():
                 frame = frame.iloc[positions].reset_index(drop=True)
-            yield frame, _Rows(path, start + positions, csv=True)
+            yield frame, _Rows.of(path, start + positions, csv=True)
             start += len(blank)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read CSV: {error}", file=path) from None
+
+
+def _parquet_chunks(
+    path: Path,
+    columns: list[str],
+    chunk_rows: int,
+    keys: frozenset[str] | None,
+    span: tuple[pd.Timestamp, pd.Timestamp] | None,
+) -> Iterator[tuple[pd.DataFrame, _Rows]]:
+    """Chunks of a Parquet file or of a folder of them (a partitioned dataset, hive-style
+    ``column=value`` folders read as columns). Files and row groups whose partition values or
+    column statistics rule out ``keys`` and ``span`` are not read (:func:`_prune`)."""
+    try:
+        dataset = ds.dataset(path, format="parquet", partitioning="hive")
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"cannot read Parquet: {error}", file=path) from None
+    if not dataset.files:
+        raise InputError("the folder holds no Parquet files", file=path)
+    _require_columns(columns, dataset.schema.names, path)
+    prune = _prune(dataset.schema, columns[0], columns[1], keys, span)
+    fragments = sorted(dataset.get_fragments(filter=prune), key=lambda f: f.path)
+    for fragment in fragments:
+        file = Path(fragment.path)
+        try:
+            groups = fragment.metadata
+            first_row = np.cumsum([0] + [groups.row_group(i).num_rows
+                                         for i in range(groups.num_row_groups)])  # fmt: skip
+            for piece in fragment.split_by_row_group(prune, schema=dataset.schema):
+                start = int(first_row[piece.row_groups[0].id])
+                for batch in piece.to_batches(
+                    columns=columns, schema=dataset.schema, batch_size=chunk_rows
+                ):
+                    frame = batch.to_pandas()
+                    yield frame, _Rows.of(file, start + np.arange(len(frame)), csv=False)
+                    start += len(frame)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"cannot read Parquet: {error}", file=file) from None
+
+
+def _prune(
+    schema: pa.Schema,
+    key_column: str,
+    time_column: str,
+    keys: frozenset[str] | None,
+    span: tuple[pd.Timestamp, pd.Timestamp] | None,
+) -> pc.Expression | None:
+    """A filter that Arrow checks against partition values and row-group statistics: the keys
+    (and their range, which statistics can rule out) for a text key column, the span for a
+    time-zone-aware timestamp column. Other column types are filtered after reading."""
+    terms = []
+    if keys and pa.types.is_string(schema.field(key_column).type):
+        field = pc.field(key_column)
+        terms += [field.isin(sorted(keys)), field >= min(keys), field <= max(keys)]
+    time_type = schema.field(time_column).type
+    if span is not None and pa.types.is_timestamp(time_type) and time_type.tz is not None:
+        field = pc.field(time_column)
+        terms += [field >= span[0].to_pydatetime(), field <= span[1].to_pydatetime()]
+    expression = None
+    for term in terms:
+        expression = term if expression is None else expression & term
+    return expression
 
 
 def _require_columns(

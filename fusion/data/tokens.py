@@ -19,16 +19,22 @@ import torch
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
-from fusion.data.cache import cache_key, cached_arrays
+from fusion.data.cache import Allocate, cache_key, cached_arrays
 from fusion.data.samples import Sample
 
 Encode = Callable[[torch.Tensor], torch.Tensor]  # images (B, C, S, S) -> tokens (B, N, D)
 
 
 @torch.no_grad()
-def encode_tiles(dataset: Dataset[Sample], encode: Encode, batch_size: int = 16) -> np.ndarray:
+def encode_tiles(
+    dataset: Dataset[Sample],
+    encode: Encode,
+    allocate: Allocate = lambda _, shape, dtype: np.zeros(shape, dtype),
+    batch_size: int = 16,
+) -> np.ndarray:
     """Tokens of every row's tile, ``(N, 1 + G*G, D)`` float16 by ``index`` (a row without a
-    tile gets the tokens of its all-zero input; the model does not read them)."""
+    tile gets the tokens of its all-zero input; the model does not read them), written batch by
+    batch into an array from ``allocate`` (in memory by default, or a cache file)."""
     # Its own generator: computing tokens must not move the global RNG, or a run with a cold
     # cache would train differently from the same run with a warm one.
     loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(0))
@@ -36,7 +42,7 @@ def encode_tiles(dataset: Dataset[Sample], encode: Encode, batch_size: int = 16)
     for batch in track(loader, description="ViT tokens (frozen, cached)"):
         tokens = encode(batch["image"]).cpu().numpy().astype(np.float16)
         if out is None:
-            out = np.zeros((len(dataset), *tokens.shape[1:]), dtype=np.float16)
+            out = allocate("tokens", (len(dataset), *tokens.shape[1:]), np.float16)
         out[batch["index"].numpy()] = tokens
     assert out is not None, "no tiles to encode"
     return out
@@ -50,11 +56,13 @@ def cached_image_tokens(
     cache_dir: str | PathLike[str] | None = None,
 ) -> tuple[np.ndarray, float]:
     """The tokens of :func:`encode_tiles` from the cache under a key of ``identity`` (the
-    encoder's and the tiles': config, weights, normalisation, files), or computed and cached;
-    and the seconds spent computing them (0 on a cache hit)."""
+    encoder's and the tiles': config, weights, normalisation, files), memory-mapped, or computed
+    and cached; and the seconds spent computing them (0 on a cache hit)."""
     key = cache_key("vit-tokens-v1", *identity)
+
+    def build(allocate: Allocate) -> None:
+        encode_tiles(dataset, encode, allocate)
+
     start = time.perf_counter()
-    arrays, hit = cached_arrays(
-        "vit-tokens", key, lambda: {"tokens": encode_tiles(dataset, encode)}, cache_dir=cache_dir
-    )
+    arrays, hit = cached_arrays("vit-tokens", key, build, cache_dir=cache_dir)
     return arrays["tokens"], 0.0 if hit else time.perf_counter() - start
