@@ -86,7 +86,7 @@ def test_only_the_keys_and_hours_asked_for_are_kept(
     # What was not read is said so, not passed off as missing from the table.
     with pytest.raises(InputError, match=r"'mel_VAC_T' not found .*rows read: 2021-03-01"):
         table.window("mel_VAC_T", first, 24)
-    with pytest.raises(InputError, match="outside the span.*rows read"):
+    with pytest.raises(InputError, match=r"outside the span.*rows read"):
         table.window(SENSORS[0], parse_start("2021-04-01T00:00:00Z"), 24)
 
 
