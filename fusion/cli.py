@@ -185,24 +185,51 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="real counts the large table is built from")  # fmt: skip
     p.add_argument("--series-rows", type=int, default=10_000_000,
                    help="rows of the generated activity table (0: skip)")  # fmt: skip
+    p.add_argument("--parts", nargs="+", choices=["models", "data", "urfc"],
+                   default=["models", "data"],
+                   help="what to measure: the variants, the data pipeline, URFC at city scale "
+                   "(generated regions: conversion, windows on disk, training; long)")  # fmt: skip
+    p.add_argument("--urfc-regions", type=int, nargs="+", default=[10_000, 100_000],
+                   help="sizes of the generated URFC sets")  # fmt: skip
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the generated URFC data (default: a temporary folder)",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
     from fusion.bench.data import run_data_bench
     from fusion.bench.models import BenchSettings, run_bench
 
-    settings = BenchSettings(
-        batch_size=args.batch_size, image_size=args.image_size, hours=args.hours,
-        repeats=args.repeats, device=args.device, threads=args.threads or None,
-    )  # fmt: skip
-    models = run_bench(args.output, settings, quick=args.quick)
-    train_sps = float(models.set_index("variant").loc["mbt_mid", "train_sps"])
-    run_data_bench(
-        args.output, manifest=args.manifest, series=args.series, train_sps=train_sps,
-        rows=0 if args.quick else args.series_rows, image_size=args.image_size,
-    )  # fmt: skip
-    print((args.output / "summary.md").read_text())
-    print((args.output / "data.md").read_text())
+    if "urfc" in args.parts:
+        from fusion.bench.urfc import run_urfc_bench
+
+        data = Path(args.manifest).parents[1]  # the data bundle: aid/, footfall/
+        run_urfc_bench(
+            args.output, sizes=tuple(args.urfc_regions), aid=data / "aid",
+            counts=Path(args.series), work=args.work,
+        )  # fmt: skip
+        print((args.output / "urfc.md").read_text())
+    if "models" in args.parts:
+        settings = BenchSettings(
+            batch_size=args.batch_size, image_size=args.image_size, hours=args.hours,
+            repeats=args.repeats, device=args.device, threads=args.threads or None,
+        )  # fmt: skip
+        models = run_bench(args.output, settings, quick=args.quick)
+        print((args.output / "summary.md").read_text())
+    if "data" in args.parts:
+        if "models" not in args.parts:  # the training speed of the last model table
+            import pandas as pd
+
+            models = pd.read_csv(args.output / "results.csv")
+        train_sps = float(models.set_index("variant").loc["mbt_mid", "train_sps"])
+        run_data_bench(
+            args.output, manifest=args.manifest, series=args.series, train_sps=train_sps,
+            rows=0 if args.quick else args.series_rows, image_size=args.image_size,
+        )  # fmt: skip
+        print((args.output / "data.md").read_text())
     return 0
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
@@ -100,6 +101,20 @@ def cached_arrays(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _open(target), False
+
+
+class Scratch:
+    """An :data:`Allocate` of arrays for one run: memory-mapped files in a temporary folder of
+    the cache folder, removed with this object (or at exit)."""
+
+    def __init__(self, cache_dir: str | PathLike[str] | None = None) -> None:
+        parent = Path(cache_dir) if cache_dir else default_cache_dir()
+        parent.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(dir=parent, prefix=".scratch-"))
+        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def __call__(self, array: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return np.lib.format.open_memmap(self.folder / f"{array}.npy", "w+", dtype, shape)
 
 
 def _open(folder: Path) -> dict[str, np.ndarray]:

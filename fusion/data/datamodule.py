@@ -35,8 +35,10 @@ from fusion.data.samples import (
     KEYS_PER_PASS,
     SeriesArrays,
     build_series_windows,
+    common_length,
     label_indices,
     scan_tiles,
+    window_starts,
 )
 from fusion.data.series import (
     KEY_COLUMN,
@@ -344,16 +346,23 @@ class FusionDataModule(L.LightningDataModule):
             )  # fmt: skip
 
         def build(allocate: Allocate) -> None:
+            hours = common_length(frame, self.key_column)
+            starts, errors = window_starts(
+                frame, manifest_path=self.manifest_path, key_column=self.key_column,
+                hours=hours, timezone=hp.timezone,
+                why=f"all rows must share one length (most rows have {hours})",
+            )  # fmt: skip
             # A CSV is parsed whole at each read: one pass (Parquet skips what a pass needs not).
             csv = self.series_path.name.lower().endswith((".csv", ".csv.gz"))
-            _, found = build_series_windows(
-                frame, read_table, allocate, value_columns=self.value_columns,
-                manifest_path=self.manifest_path, key_column=self.key_column,
-                timezone=hp.timezone, min_present=hp.min_present, log1p=hp.log1p,
+            windows = build_series_windows(
+                frame[self.key_column].tolist(), starts, hours, read_table, allocate,
+                n_values=len(self.value_columns), key_column=self.key_column,
+                min_present=hp.min_present, log1p=hp.log1p,
                 keys_per_pass=None if csv else KEYS_PER_PASS,
             )  # fmt: skip
-            if found:
-                raise InputErrors(found)
+            errors += windows.errors(self.manifest_path, frame[LINE].tolist())
+            if errors:
+                raise InputErrors(errors)
 
         try:
             arrays, _ = cached_arrays("series", key, build, cache_dir=hp.cache_dir)

@@ -12,13 +12,16 @@ The model's :class:`~fusion.data.contract.DataContract` says what the inputs mus
 structural problems (a window of another length, a start that does not parse, tiles with another
 band count or pixel type, unknown labels) are errors naming the input, all listed at once. A
 sample whose tile or window cannot be used goes on with that view missing and a ``note``
-(:class:`~fusion.data.samples.WindowReader`); one with neither view is skipped by the model.
+(:class:`~fusion.data.samples.SeriesWindows`); one with neither view is skipped by the model.
+The windows are built as the training ones are (:func:`~fusion.data.samples.build_series_windows`:
+the table read in passes of keys, windows in memory-mapped scratch files), so memory follows a
+pass, not the number of places.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fusion.data.cache import Scratch
 from fusion.data.contract import DataContract
 from fusion.data.manifest import (
     LINE,
@@ -40,8 +44,10 @@ from fusion.data.manifest import (
 )
 from fusion.data.mosaic import RegionRaster
 from fusion.data.samples import (
+    KEYS_PER_PASS,
     Sample,
-    WindowReader,
+    SeriesArrays,
+    build_series_windows,
     check_bands,
     check_dtype,
     label_indices,
@@ -55,44 +61,50 @@ from fusion.data.tiles import MIN_VALID, Tile, read_tile
 from fusion.errors import InputError, InputErrors
 
 
-def _read_series(
+def _series_windows(
     path: Path | None, contract: DataContract, timezone: str | None, keys: Sequence[str],
     starts: Sequence[pd.Timestamp | None], where: Path,
-) -> SeriesTable | None:  # fmt: skip
-    """The activity table's rows of the samples' keys within their windows, if any sample
-    names a series key; some key must be in it."""
-    if not any(keys) or not any(s is not None for s in starts):
-        return None
+) -> tuple[SeriesArrays | None, list[str]]:  # fmt: skip
+    """The samples' windows (memory-mapped scratch files, built in passes of keys from the
+    table's rows of those keys and hours) and a note per sample ("" when its window is used);
+    None and no notes when no sample names a series. Some key must be in the table."""
+    if not any(k and s is not None for k, s in zip(keys, starts, strict=True)):
+        return None, ["no series"] * len(keys)
     if path is None:
         raise InputError(
             "samples name series keys but no activity table was given (--series)", file=where
         )
-    first = min(s for s in starts if s is not None)
-    last = max(s for s in starts if s is not None) + pd.Timedelta(hours=contract.hours - 1)
-    table = SeriesTable.read(
-        path,
-        key_column=contract.key_column,
-        time_column=contract.time_column,
-        value_columns=contract.value_columns,
-        timezone=timezone,
-        keys={k for k in keys if k},
-        span=(first, last),
-    )
-    if not any(k in table for k in keys if k):
+
+    def read_table(chosen: Collection[str], span: tuple[pd.Timestamp, pd.Timestamp]) -> Any:
+        return SeriesTable.read(
+            path, key_column=contract.key_column, time_column=contract.time_column,
+            value_columns=contract.value_columns, timezone=timezone, keys=chosen, span=span,
+        )  # fmt: skip
+
+    csv = path.name.lower().endswith((".csv", ".csv.gz"))
+    windows = build_series_windows(
+        keys, starts, contract.hours, read_table, Scratch(), n_values=len(contract.value_columns),
+        key_column=contract.key_column, min_present=contract.min_present, log1p=contract.log1p,
+        keys_per_pass=None if csv else KEYS_PER_PASS,
+    )  # fmt: skip
+    if not windows.keys_found:
         shown = ", ".join(sorted({k for k in keys if k})[:5])
         raise InputError(
             f"none of the samples' series keys ({shown}, ...) is in the activity table "
-            f"(column '{contract.key_column}')",
+            f"(column '{contract.key_column}') within their windows",
             file=path,
         )
-    return table
+    return windows.arrays, windows.notes()
 
 
-def _reader(table: SeriesTable | None, contract: DataContract) -> WindowReader:
-    return WindowReader(
-        table, contract.hours, contract.n_features, contract.key_column, contract.min_present,
-        contract.log1p, policy="flag",
-    )  # fmt: skip
+def _series(
+    series: SeriesArrays | None, notes: list[str], i: int, contract: DataContract
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Sample ``i``'s features, mask and note (zeros without a series)."""
+    if series is None:
+        zeros = np.zeros((contract.hours, contract.n_features), np.float32)
+        return zeros, np.zeros(contract.hours, bool), notes[i]
+    return (*series.features(i), notes[i])
 
 
 def _sample(
@@ -181,10 +193,9 @@ class ManifestSamples(Dataset[Sample]):
         if errors:
             raise InputErrors(errors)
         series_path = Path(series) if series else default_series_path(self.path)
-        table = _read_series(
+        self.series, self.series_notes = _series_windows(
             series_path, contract, zone, frame[key].tolist(), self.starts, self.path
         )
-        self.reader = _reader(table, contract)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -200,8 +211,7 @@ class ManifestSamples(Dataset[Sample]):
                 line = int(self.frame[LINE].iloc[i])
                 raise err.within(self.path, line=line, field="image") from None
             share = float(tile.valid.mean())
-        key = self.frame[self.contract.key_column].iloc[i]
-        series = self.reader.read(key, self.starts[i])
+        series = _series(self.series, self.series_notes, i, self.contract)
         note = "" if tile is not None else "no image"
         label = -1 if self.labels is None else int(self.labels[i])
         return _sample(i, tile, share, series, self.contract, note, self.min_valid, label)
@@ -281,12 +291,11 @@ class RegionSamples(Dataset[Sample]):
                 )
             self.start = parse_start(start, timezone=zone)
             keys = ["" if pd.isna(k) else str(k) for k in frame[key]]
-        table = _read_series(
-            Path(series) if series else None, contract, zone, keys, [self.start],
-            self.raster.regions_path,
-        )  # fmt: skip
         self.keys = keys or [""] * len(self.raster)
-        self.reader = _reader(table, contract)
+        self.series, self.series_notes = _series_windows(
+            Path(series) if series else None, contract, zone, self.keys,
+            [self.start] * len(self.keys), self.raster.regions_path,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.raster)
@@ -301,7 +310,7 @@ class RegionSamples(Dataset[Sample]):
         else:  # read refuses regions without area
             area = self.raster.areas[i]
             share = min(float(tile.valid.sum() * self.raster.pixel_area / area), 1.0)
-        series = self.reader.read(self.keys[i], self.start)
+        series = _series(self.series, self.series_notes, i, self.contract)
         return _sample(i, tile, share, series, self.contract, note, self.min_valid)
 
     def describe(self) -> pd.DataFrame:

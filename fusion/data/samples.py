@@ -1,14 +1,15 @@
 """Turn checked inputs into model-ready samples: one reader for training and for prediction.
 
-Every problem is reported at once rather than stopping at the first, under one of two policies
-(:data:`Policy`): ``raise`` (training: every problem of every row is listed and nothing runs) or
-``flag`` (prediction on new places: a window or tile that cannot be used leaves that view
-missing, with a note, and the sample goes on).
+Every problem is reported at once rather than stopping at the first, under one of two policies:
+``raise`` (training: every problem of every row is listed and nothing runs) or ``flag``
+(prediction on new places: a window or tile that cannot be used leaves that view missing, with a
+note, and the sample goes on).
 
 - :func:`window_starts`: each row's window start, checked against the window length;
-- :class:`WindowReader`: a row's activity window as ``(T, F)`` features + ``(T,)`` mask; unknown
-  keys, windows outside the series, too few present hours (none at all, whatever
-  ``min_present``) are problems; :func:`build_series_windows` reads every row's;
+- :class:`WindowReader`: a row's checked activity window; unknown keys, windows outside the
+  series, too few present hours (none at all, whatever ``min_present``) are problems;
+  :func:`build_series_windows` writes every row's into :class:`SeriesArrays` (on disk when large)
+  and lists the problems (:class:`SeriesWindows`: raised as errors, or kept as notes);
 - :func:`tile_headers`: every tile's header; missing/unreadable files, wrong band counts
   (:func:`check_bands`) and pixel types (:func:`check_dtype`) are problems; :func:`scan_tiles`
   (training) then decodes every tile once: all-nodata tiles are errors, per-band statistics and
@@ -24,7 +25,6 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -34,18 +34,16 @@ from rich.progress import Progress, track
 from fusion.data.cache import Allocate
 from fusion.data.manifest import LINE, ClassList
 from fusion.data.series import (
+    CALENDAR_FEATURES,
     SeriesTable,
     SeriesWindow,
     calendar_features,
-    encode_window,
-    feature_count,
     parse_start,
     scale_values,
 )
 from fusion.data.tiles import BandStats, Tile, TileInfo, prepare_tile, read_tile, tile_info
 from fusion.errors import InputError
 
-Policy = Literal["raise", "flag"]
 Sample = dict[str, torch.Tensor]
 
 
@@ -123,8 +121,11 @@ class SeriesArrays:
         return int(self.mask.shape[1])
 
     def features(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Row ``row``'s features ``(T, V + 4)`` float32 (:func:`encode_window`'s) and mask
-        ``(T,)`` bool, read from the stored arrays."""
+        """Row ``row``'s features ``(T, V + 4)`` float32 (:func:`encode_window`'s; all zeros
+        without a series) and mask ``(T,)`` bool, read from the stored arrays."""
+        if not self.present[row]:
+            n_features = self.values.shape[2] + len(CALENDAR_FEATURES)
+            return np.zeros((self.hours, n_features), np.float32), np.zeros(self.hours, bool)
         calendar = calendar_features(self.hour[row], self.dow[row])
         return np.concatenate([self.values[row], calendar], axis=1), np.array(self.mask[row])
 
@@ -158,45 +159,20 @@ def window_starts(
 
 @dataclass
 class WindowReader:
-    """Activity windows of ``hours`` hours from ``table``, encoded for the model.
+    """Checked activity windows of ``hours`` hours from ``table``.
 
-    A key without a table or start is no series (not a problem). A key missing from the table, a
-    window outside its span, one without any count or with less than ``min_present`` of its hours
-    present is a problem: under ``policy="raise"`` an :class:`InputError` (its ``field`` says
-    which column is at fault), under ``"flag"`` the window is absent with the problem as note.
+    A key missing from the table, a window outside its span, one without any count or with less
+    than ``min_present`` of its hours present is a problem: an :class:`InputError` whose
+    ``field`` says which column is at fault.
     """
 
-    table: SeriesTable | None
+    table: SeriesTable
     hours: int
-    n_features: int
     key_column: str
     min_present: float
-    log1p: bool
-    policy: Policy = "raise"
-
-    def read(self, key: str, start: pd.Timestamp | None) -> tuple[np.ndarray, np.ndarray, str]:
-        """Features ``(T, F)`` float32, mask ``(T,)`` bool and a note ("" when the window is
-        used)."""
-        if not key or self.table is None or start is None:
-            return *self._absent(), "no series"
-        try:
-            return (*self._read(key, start), "")
-        except InputError as err:
-            if self.policy == "raise":
-                raise
-            return *self._absent(), err.message
-
-    def _absent(self) -> tuple[np.ndarray, np.ndarray]:
-        features = np.zeros((self.hours, self.n_features), dtype=np.float32)
-        return features, np.zeros(self.hours, dtype=bool)
-
-    def _read(self, key: str, start: pd.Timestamp) -> tuple[np.ndarray, np.ndarray]:
-        return encode_window(self.window(key, start), log1p=self.log1p)
 
     def window(self, key: str, start: pd.Timestamp) -> SeriesWindow:
-        """The checked window of ``key`` from ``start`` (an :class:`InputError` if unusable,
-        whatever the policy)."""
-        assert self.table is not None
+        """The window of ``key`` from ``start``, or an :class:`InputError` if it is unusable."""
         try:
             window = self.table.window(key, start, self.hours)
         except InputError as err:
@@ -220,59 +196,76 @@ KEYS_PER_PASS = 2048  # keys whose rows of an activity table are read at once, s
 ReadTable = Callable[[Collection[str], tuple[pd.Timestamp, pd.Timestamp]], SeriesTable]
 
 
+@dataclass
+class SeriesWindows:
+    """Every row's window (:attr:`arrays`) and why a row has none: :attr:`problems` (row ->
+    :class:`InputError` without a location: message and field), rows without a key or start
+    have no series and no problem. :attr:`keys_found`: distinct keys the table holds rows of."""
+
+    arrays: SeriesArrays
+    problems: dict[int, InputError]
+    keys_found: int
+
+    def errors(self, file: Path, lines: Sequence[int]) -> list[InputError]:
+        """Policy ``raise`` (training): each problem located at its row of ``file``."""
+        return [
+            InputError(err.message, file=file, line=int(lines[i]), field=err.field)
+            for i, err in sorted(self.problems.items())
+        ]
+
+    def notes(self) -> list[str]:
+        """Policy ``flag`` (prediction): per row, "" when its window is used, else why not."""
+        present = self.arrays.present
+        return [
+            "" if present[i] else (self.problems[i].message if i in self.problems else "no series")
+            for i in range(len(present))
+        ]
+
+
 def build_series_windows(
-    frame: pd.DataFrame,
+    keys: Sequence[str],
+    starts: Sequence[pd.Timestamp | None],
+    hours: int,
     read_table: ReadTable,
     allocate: Allocate,
     *,
-    value_columns: Sequence[str],
-    manifest_path: Path,
+    n_values: int,
     key_column: str,
-    timezone: str | None,
     min_present: float,
     log1p: bool,
     keys_per_pass: int | None = KEYS_PER_PASS,
-) -> tuple[SeriesArrays, list[InputError]]:
-    """Every row's window (policy ``raise``) into arrays from ``allocate``; rows with an empty
-    key get an all-absent window.
+) -> SeriesWindows:
+    """The ``hours``-hour window of every row (``keys[i]`` from ``starts[i]``; an empty key or a
+    None start is no series) into arrays from ``allocate`` (:meth:`SeriesArrays.allocate`).
 
     The activity table is read by ``read_table(keys, span)`` in passes of ``keys_per_pass`` keys
     (None: one pass), each keeping only those keys' rows in the span of their windows, so memory
     follows a pass, not the table or the number of rows; the windows are written row by row.
-    All rows with a key must share one window length ``T`` (the model's input length); rows
-    that differ from the most common length are errors.
     """
-    lengths = Counter(frame.loc[frame[key_column] != "", "hours"].tolist())
-    hours = lengths.most_common(1)[0][0] if lengths else 0
-    starts, errors = window_starts(
-        frame, manifest_path=manifest_path, key_column=key_column, hours=hours,
-        timezone=timezone, why=f"all rows must share one length (most rows have {hours})",
-    )  # fmt: skip
-    arrays = SeriesArrays.allocate(allocate, len(frame), hours, len(value_columns))
-    keys, lines = frame[key_column].tolist(), frame[LINE].tolist()
+    arrays = SeriesArrays.allocate(allocate, len(keys), hours, n_values)
+    problems: dict[int, InputError] = {}
     rows_of: dict[str, list[int]] = {}
-    for i, start in enumerate(starts):
-        if start is not None:
-            rows_of.setdefault(keys[i], []).append(i)
+    for i, (key, start) in enumerate(zip(keys, starts, strict=True)):
+        if key and start is not None:
+            rows_of.setdefault(key, []).append(i)
     ordered = list(rows_of)
     size = keys_per_pass or max(len(ordered), 1)
+    found = 0
     with Progress() as bar:
-        task = bar.add_task("series windows", total=len(frame))
+        task = bar.add_task("series windows", total=len(keys))
         for first in range(0, len(ordered), size):
-            rows = [i for key in ordered[first : first + size] for i in rows_of[key]]
+            chosen = ordered[first : first + size]
+            rows = [i for key in chosen for i in rows_of[key]]
             begin = min(starts[i] for i in rows)  # type: ignore[type-var]
             end = max(starts[i] for i in rows) + pd.Timedelta(hours=hours - 1)  # type: ignore[operator]
-            table = read_table(ordered[first : first + size], (begin, end))
-            reader = WindowReader(
-                table, hours, feature_count(value_columns), key_column, min_present, log1p
-            )
+            table = read_table(chosen, (begin, end))
+            found += sum(key in table for key in chosen)
+            reader = WindowReader(table, hours, key_column, min_present)
             for i in rows:
                 try:
                     window = reader.window(keys[i], starts[i])  # type: ignore[arg-type]
                 except InputError as err:
-                    errors.append(
-                        InputError(err.message, file=manifest_path, line=lines[i], field=err.field)
-                    )
+                    problems[i] = err
                     continue
                 arrays.values[i] = scale_values(window, log1p=log1p)
                 arrays.mask[i] = window.present
@@ -281,8 +274,14 @@ def build_series_windows(
                 arrays.present[i] = True
             bar.advance(task, len(rows))
             del table, reader
-        bar.update(task, completed=len(frame))
-    return arrays, errors
+        bar.update(task, completed=len(keys))
+    return SeriesWindows(arrays, problems, found)
+
+
+def common_length(frame: pd.DataFrame, key_column: str) -> int:
+    """The most common window length of the rows with a series key (0 without any)."""
+    lengths = Counter(frame.loc[frame[key_column] != "", "hours"].tolist())
+    return lengths.most_common(1)[0][0] if lengths else 0
 
 
 def label_indices(

@@ -14,8 +14,7 @@ import pytest
 
 from fusion.data import samples as samples_module
 from fusion.data.datamodule import FusionDataModule
-from fusion.data.samples import WindowReader
-from fusion.data.series import SeriesTable, parse_start
+from fusion.data.series import SeriesTable, encode_window, parse_start
 from fusion.errors import InputError
 
 SENSORS = ["akl_150_K_Road", "akl_297_Queen_Street", "mel_VAC_T"]
@@ -166,12 +165,12 @@ def test_the_datamodule_builds_the_same_windows_from_any_layout_in_any_passes(
         assert isinstance(dm.series.values, np.memmap)  # on disk, read per sample
         for name in ("values", "mask", "hour", "dow", "present"):
             np.testing.assert_array_equal(getattr(dm.series, name), getattr(reference.series, name))
-    # What a sample holds is what the prediction path's reader makes of the table.
+    # What a sample holds is the encoded window of the table.
     table = SeriesTable.read(tables["csv"], timezone="UTC")
-    reader = WindowReader(table, 24 * 14, reference.n_features, "sensor_id", 0.5, True)
     frame = pd.read_csv(manifest)
     for i in range(6):
-        features, mask, _ = reader.read(frame["sensor_id"][i], parse_start(frame["start"][i]))
+        window = table.window(frame["sensor_id"][i], parse_start(frame["start"][i]), 24 * 14)
+        features, mask = encode_window(window)
         sample = reference.dataset("all")[i]
         np.testing.assert_array_equal(sample["series"].numpy(), features)
         np.testing.assert_array_equal(sample["series_mask"].numpy(), mask)
