@@ -24,6 +24,7 @@ from fusion.data.series import KEY_COLUMN, MIN_PRESENT, TIME_COLUMN
 from fusion.data.tiles import MIN_VALID
 from fusion.data.urfc import REGULAR_DAYS
 from fusion.errors import InputError, InputErrors
+from fusion.ood import FLAG_RATE
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -60,6 +61,17 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="parsing processes")
 
 
+def _share(text: str) -> float:
+    """A number strictly between 0 and 1 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -92,6 +104,26 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         default=MIN_VALID,
         help="least share of a tile or region with data for its image to be used "
         f"(default {MIN_VALID})",
+    )
+    p.add_argument(
+        "--coverage",
+        type=_share,
+        help="also a conformal prediction set per sample (pred_set, set_size) holding the true "
+        "class with this probability on a new place, e.g. 0.9 (calibrated on the places held "
+        "out in training)",
+    )
+    p.add_argument(
+        "--flag-rate",
+        type=_share,
+        default=FLAG_RATE,
+        help="mark a prediction uncertain when its tile is less familiar to the model than all "
+        "but this share of the held-out places' tiles (image-expert energy; default "
+        f"{FLAG_RATE})",
+    )
+    p.add_argument(
+        "--max-set-size",
+        type=int,
+        help="with --coverage: mark a prediction uncertain when its set holds more classes",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
@@ -142,7 +174,10 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             timezone=args.timezone, min_valid=args.min_valid,
         )  # fmt: skip
     data = PredictionDataModule(samples, batch_size=args.batch_size, num_workers=args.num_workers)
-    result = predict(task, data, args.output, device=args.device)
+    result = predict(
+        task, data, args.output, device=args.device, coverage=args.coverage,
+        flag_rate=args.flag_rate, max_set_size=args.max_set_size,
+    )  # fmt: skip
     if args.format == "urfc":
         from fusion.data.urfc import urfc_submission
 

@@ -26,6 +26,7 @@ from fusion.plots import display_rgb, save_figure
 FILL_ALPHA = 0.45
 SKIPPED_LABEL = "skipped (no data)"
 SKIPPED_COLOR = "0.45"
+UNCERTAIN_STATUS = "uncertain"  # a region whose prediction is flagged (fusion.predict.Flags)
 
 
 def class_colors(n: int) -> list[tuple[float, ...]]:
@@ -129,7 +130,9 @@ def draw_prediction_map(
 
     Regions are reprojected to the raster's CRS. Regions with no geometry are not drawn or
     counted. Returns the legend handles and labels (``"name (count)"`` for each class present,
-    then ``"skipped (no data)"`` if any region has no label, drawn as grey hatched outlines).
+    ``"uncertain (count)"`` for regions whose ``status`` column says so, hatched over their
+    colour, then ``"skipped (no data)"`` if any region has no label, drawn as grey hatched
+    outlines).
     """
     with open_raster(raster) as src:
         if rgb_bands is None:
@@ -164,6 +167,13 @@ def draw_prediction_map(
         ax.add_collection(PathCollection([regions_path(shapes.geometry[mask])], **style))
         handles.append(Patch(**{**style, "linewidth": 0.8}))
         labels.append(f"{name} ({int(mask.sum())})")
+    if "status" in shapes.columns:  # flagged predictions keep their colour, hatched over
+        uncertain = (shapes["status"] == UNCERTAIN_STATUS).to_numpy() & (codes >= 0)
+        if uncertain.any():
+            style = {"facecolor": "none", "edgecolor": "0.1", "hatch": "xxx", "linewidth": 0.5}
+            ax.add_collection(PathCollection([regions_path(shapes.geometry[uncertain])], **style))
+            handles.append(Patch(**style))
+            labels.append(f"uncertain ({int(uncertain.sum())})")
     skipped = codes < 0
     if skipped.any():
         style = {"facecolor": "none", "edgecolor": SKIPPED_COLOR, "hatch": "///", "linewidth": 0.6}

@@ -24,13 +24,15 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fusion.calibration import calibration_errors
+from fusion.conformal import aps_sets, randomisation
 from fusion.data.contract import DataContract
 from fusion.data.prediction import PredictionDataModule
 from fusion.errors import InputError
 from fusion.io import atomic_path, check_replaceable
-from fusion.maps import plot_prediction_map
+from fusion.maps import UNCERTAIN_STATUS, plot_prediction_map
 from fusion.metrics import confusion_matrix, scores
-from fusion.task import VIEWS, FusionTask, probability_columns
+from fusion.ood import FLAG_RATE, energy
+from fusion.task import IMAGE_HEAD, VIEWS, FusionTask, probability_columns
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
@@ -89,6 +91,20 @@ def _status(has_image: np.ndarray, has_series: np.ndarray) -> np.ndarray:
     )
 
 
+UNCERTAIN = UNCERTAIN_STATUS  # the status of a prediction flagged by Flags
+
+
+@dataclass(frozen=True)
+class Flags:
+    """When a prediction is marked ``uncertain``: the image expert's energy above ``energy``
+    (head ``image_head`` of the model; None: no image expert), or a conformal set of more than
+    ``max_set_size`` classes (None: sets never flag)."""
+
+    image_head: int | None
+    energy: float
+    max_set_size: int | None = None
+
+
 class RowWriter(BasePredictionWriter):
     """Writes each predicted batch's rows to ``tmp`` (a CSV, or a GeoPackage layer
     ``predictions`` with the regions' ``geometry``), ``chunk`` rows at a time, so memory stays
@@ -100,7 +116,12 @@ class RowWriter(BasePredictionWriter):
     ``p_series_<class>`` (the model with the other view removed; empty without that view);
     ``has_image``, ``has_series`` (the views used), ``valid_share`` (share of the place's pixels
     with data), ``status`` (``image+series`` / ``image only`` / ``series only`` / ``skipped``)
-    and ``note`` (why a view is missing). Skipped rows have no prediction.
+    and ``note`` (why a view is missing). Skipped rows have no prediction. With a ``threshold``
+    (:meth:`~fusion.conformal.ConformalCalibration.threshold`): ``pred_set`` (the classes of the
+    conformal prediction set, ``|``-separated) and ``set_size``. With ``flags``
+    (:class:`Flags`): ``image_energy`` (:mod:`fusion.ood`), and ``status`` ``uncertain`` (the
+    label still written, the reason in ``note``) for a tile less familiar than the threshold
+    or a set larger than ``max_set_size``.
     """
 
     def __init__(
@@ -110,11 +131,16 @@ class RowWriter(BasePredictionWriter):
         classes: tuple[str, ...],
         geometry: gpd.GeoSeries | None = None,
         chunk: int = 4096,
+        threshold: float | None = None,
+        flags: Flags | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.tmp, self.described, self.classes = tmp, described, classes
-        self.geometry, self.chunk = geometry, chunk
+        self.geometry, self.chunk, self.threshold = geometry, chunk, threshold
+        self.flags = flags
         n = len(described)
+        self.u = randomisation(n)  # each row's APS randomisation, fixed by its position
+        self.set_size = np.zeros(n, dtype=np.int64)
         self.pred = np.full(n, -1, dtype=np.int64)
         self.status = np.full(n, "skipped", dtype=object)
         self.logits = np.full((n, len(classes)), np.nan, dtype=np.float32)
@@ -144,7 +170,39 @@ class RowWriter(BasePredictionWriter):
         rows["has_image"], rows["has_series"] = out["has_image"], out["has_series"]
         rows["valid_share"] = batch["valid_share"].cpu().numpy()
         rows["status"], rows["note"] = self.status[index], list(batch["note"])
+        if self.threshold is not None:
+            member = np.zeros(out["probs"].shape, dtype=bool)
+            ok = out["pred"] >= 0
+            member[ok] = aps_sets(out["probs"][ok], self.threshold, self.u[index][ok])
+            rows["pred_set"] = ["|".join(np.array(self.classes)[m]) for m in member]
+            rows["set_size"] = self.set_size[index] = member.sum(axis=1)
+        if self.flags is not None:
+            self._flag(rows, out, index)
         self.pending.append((rows, index))
+
+    def _flag(self, rows: pd.DataFrame, out: dict[str, np.ndarray], index: np.ndarray) -> None:
+        """Mark ``rows`` uncertain where the tile is unfamiliar or the set large (notes say)."""
+        flags = self.flags
+        assert flags is not None
+        notes = [[n] if n else [] for n in rows["note"]]
+        uncertain = np.zeros(len(rows), dtype=bool)
+        if flags.image_head is not None:
+            has_tile = out["has_image"] & (out["pred"] >= 0)
+            score = energy(out["heads"][:, flags.image_head])
+            rows["image_energy"] = np.where(has_tile, score, np.nan)
+            far = has_tile & (score > flags.energy)
+            for i in np.flatnonzero(far):
+                notes[i].append(f"image unlike the training tiles (energy {score[i]:.2f} > "
+                                f"{flags.energy:.2f})")  # fmt: skip
+            uncertain |= far
+        if self.threshold is not None and flags.max_set_size is not None:
+            large = rows["set_size"].to_numpy() > flags.max_set_size
+            for i in np.flatnonzero(large):
+                notes[i].append(f"{rows['set_size'].iloc[i]} classes in the prediction set")
+            uncertain |= large
+        self.status[index[uncertain]] = UNCERTAIN
+        rows["status"] = self.status[index]
+        rows["note"] = ["; ".join(n) for n in notes]
         if sum(len(r) for r, _ in self.pending) >= self.chunk:
             self.flush()
 
@@ -197,6 +255,16 @@ def check_output(output: str | os.PathLike[str], regions: bool) -> Path:
     return output
 
 
+def _flags(task: FusionTask, rate: float | None, max_set_size: int | None) -> Flags | None:
+    """The :class:`Flags` of ``task``'s held-out calibration (None without one)."""
+    if rate is None or (task.ood is None and max_set_size is None):
+        return None
+    names = task.net.head_names
+    image_head = names.index(IMAGE_HEAD) if task.ood is not None else None
+    threshold = task.ood.threshold(rate) if task.ood is not None else float("inf")
+    return Flags(image_head, threshold, max_set_size)
+
+
 def _accelerator(device: str) -> dict[str, Any]:
     """``Trainer`` arguments for ``auto`` (CUDA if there is one, else the CPU), ``cpu``,
     ``cuda`` or ``cuda:N``."""
@@ -216,16 +284,34 @@ def predict(
     output: str | os.PathLike[str],
     *,
     device: str = "cpu",
+    coverage: float | None = None,
+    flag_rate: float | None = FLAG_RATE,
+    max_set_size: int | None = None,
 ) -> Prediction:
     """Predict every sample of ``data``, writing ``output`` (``.csv``, or ``.gpkg`` for regions)
     only once all are done (rows: :class:`RowWriter`); a regions run also draws ``.png``, a
-    labelled manifest is scored."""
+    labelled manifest is scored. ``coverage`` (e.g. 0.9) adds conformal prediction sets
+    calibrated on the places the model was not trained on (:mod:`fusion.conformal`);
+    ``flag_rate`` (the share of those places' tiles that would be flagged; None: no flags) and
+    ``max_set_size`` mark predictions ``uncertain`` (:class:`Flags`)."""
     raster = data.regions()
     output = check_output(output, regions=raster is not None)
+    threshold = None
+    if coverage is not None:
+        if task.conformal is None:
+            raise InputError(
+                "this model has no conformal calibration (trained before prediction sets "
+                "existed, or without val places): retrain it, or leave out --coverage",
+                field="coverage",
+            )
+        threshold = task.conformal.threshold(coverage)
     geometry = raster.frame.geometry if output.suffix.lower() == ".gpkg" else None
     classes = tuple(task.classes)
     with atomic_path(output) as tmp:
-        writer = RowWriter(tmp, data.describe(), classes, geometry)
+        writer = RowWriter(
+            tmp, data.describe(), classes, geometry, threshold=threshold,
+            flags=_flags(task, flag_rate, max_set_size),
+        )  # fmt: skip
         trainer = L.Trainer(
             **_accelerator(device), logger=False, enable_checkpointing=False,
             enable_model_summary=False, callbacks=[writer],
@@ -235,6 +321,7 @@ def predict(
     if raster is not None:
         regions = raster.frame[[raster.id_column, "geometry"]].copy()
         regions["pred"] = [classes[p] if p >= 0 else "" for p in writer.pred]
+        regions["status"] = writer.status
         contract = data.contract
         result.map = plot_prediction_map(
             raster.raster_path,

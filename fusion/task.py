@@ -30,13 +30,16 @@ from fusion.calibration import (
     expected_calibration_error,
     fit_view_weights,
 )
+from fusion.conformal import ConformalCalibration
 from fusion.data.contract import DataContract
 from fusion.metrics import SCALARS, ClassificationScores, plot_confusion
 from fusion.models.classifier import FusionClassifier, NetConfig
 from fusion.models.experts import pool_experts
+from fusion.ood import OodCalibration
 
 Batch = dict[str, Tensor]
 VIEWS = ("image", "series")  # what a model of both views reports alone
+IMAGE_HEAD = "image"  # the image expert's head (fusion.models.experts), for OOD flags
 
 
 def epoch_seed(*parts: int) -> int:
@@ -165,6 +168,12 @@ class FusionTask(L.LightningModule):
         # Softmax temperature fitted on the validation split after each validation epoch of
         # training (Guo et al. 2017), so every checkpoint carries its own calibration.
         self.register_buffer("temperature", torch.ones(()))
+        # APS scores of the val places for prediction sets (fusion.conformal), with the heads'
+        # weights; saved in checkpoints beside the state dict.
+        self.conformal: ConformalCalibration | None = None
+        # Energies of the image expert on the val places, for out-of-distribution flags
+        # (fusion.ood); saved likewise.
+        self.ood: OodCalibration | None = None
         self._rows: list[Collected] = []  # of the current validation or test epoch
 
     @classmethod
@@ -391,6 +400,14 @@ class FusionTask(L.LightningModule):
         weights = fit_view_weights(heads.unbind(dim=1), labels)
         self.set_view_weights(weights)
         pooled = torch.einsum("nhk,h->nk", heads.double(), torch.tensor(weights).double())
+        places = np.array(self._places(rows.index.numpy()), dtype=object)
+        probs = pooled.softmax(dim=-1).numpy()
+        self.conformal = ConformalCalibration.fit(probs, labels.numpy(), places)
+        if IMAGE_HEAD in self.net.head_names:
+            image = heads[:, self.net.head_names.index(IMAGE_HEAD)]
+            has_tile = (image != 0).any(dim=-1).numpy()  # an absent view's expert gives zeros
+            if has_tile.any():
+                self.ood = OodCalibration.fit(image[has_tile].numpy(), places[has_tile])
         self.log_dict(
             {
                 "val/temperature": self.temperature.item(),
@@ -406,6 +423,12 @@ class FusionTask(L.LightningModule):
                 },
             }
         )
+
+    def _places(self, index: np.ndarray) -> list[str]:
+        """The place of each row ``index`` of the datamodule (its ``groups``), or the row
+        itself where the datamodule has no places."""
+        groups = getattr(getattr(self.trainer, "datamodule", None), "groups", None)
+        return [str(i) for i in index] if groups is None else [str(g) for g in groups[index]]
 
     def set_view_weights(self, weights: Sequence[float]) -> None:
         """Pool the heads with ``weights`` (one per head, fitted by
@@ -430,8 +453,19 @@ class FusionTask(L.LightningModule):
         first stage fitted on held-out places: it has none left to fit them on)."""
         self.net.view_weights.copy_(other.net.view_weights)
         self.temperature.copy_(other.temperature)
+        self.conformal, self.ood = other.conformal, other.ood
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.conformal is not None:
+            checkpoint["conformal"] = self.conformal.to_dict()
+        if self.ood is not None:
+            checkpoint["ood"] = self.ood.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("conformal")  # none before prediction sets existed
+        self.conformal = None if state is None else ConformalCalibration.from_dict(state)
+        state = checkpoint.get("ood")
+        self.ood = None if state is None else OodCalibration.from_dict(state)
         # Checkpoints from before calibration existed predict with temperature 1.
         checkpoint["state_dict"].setdefault("temperature", torch.ones(()))
         checkpoint["state_dict"].setdefault(

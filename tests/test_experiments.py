@@ -52,6 +52,13 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
         # Every row of an evaluable class, exactly once, by the fold that held its place out.
         assert sorted(part["row"]) == list(evaluable), (setting, repeat)
         assert (part.groupby("group")["fold"].nunique() == 1).all()
+    # Conformal sets on the held-out folds, from each fold's inner val places: the trained
+    # models have them (the linear probe does not), every set holds the predicted class.
+    sets = oof[oof["setting"] == "concat"]
+    assert (sets["set_size"] >= 1).all()
+    assert all(p in s.split("|") for p, s in zip(sets["pred"], sets["pred_set"], strict=True))
+    assert (sets["set_size"] == sets["pred_set"].str.count(r"\|") + 1).all()
+    assert oof.loc[oof["setting"] == "linear_probe", "pred_set"].isna().all()
     # A new repeat deals the places into other folds.
     folds = oof[oof["setting"] == "vit"].pivot(index="row", columns="repeat", values="fold")
     assert (folds[0] != folds[1]).any()
@@ -63,6 +70,12 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
     assert "| vit |" in summary and "| linear_probe |" in summary and "±" in summary
     # The fused model with one view removed, scored on the same rows.
     assert "| concat · image alone |" in summary and "| concat · series alone |" in summary
+    assert "Conformal prediction sets at 90% on the held-out places" in summary
+    table = experiments.set_coverage(oof, sorted(manifest["label"].unique()))
+    concat_all = table[(table["setting"] == "concat") & (table["true_class"] == "all")]
+    hit = [p in s.split("|") for p, s in zip(sets["label"], sets["pred_set"], strict=True)]
+    assert concat_all["coverage"].item() == pytest.approx(np.mean(hit))  # equal repeat sizes
+    assert f"| concat | all | {len(sets) / 2:.0f} | " in summary
     for image in ("compare.png", "confusion.png"):
         assert (out / image).stat().st_size > 10_000
 

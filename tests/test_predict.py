@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import geopandas as gpd
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,9 +19,11 @@ from shapely.geometry import Polygon
 from torch.utils.data import default_collate
 
 from fusion.cli import main
+from fusion.conformal import ConformalCalibration
 from fusion.data.contract import DataContract
 from fusion.data.prediction import ManifestSamples, PredictionDataModule, RegionSamples
 from fusion.errors import InputError, InputErrors
+from fusion.ood import OodCalibration, energy
 from fusion.predict import Prediction, load_model, predict, score
 from tests.conftest import TrainedRun
 
@@ -338,3 +341,73 @@ def test_degenerate_regions_are_flagged_not_divided_by_zero(
     assert "zero-area" in out["note"][1] and result.pred[1] == -1
     assert "self-intersection" in out["note"][2] and 0 < float(out["valid_share"][2]) <= 1
     assert out["note"][0] == "no series" and float(out["valid_share"][0]) == 1
+
+
+def test_coverage_adds_conformal_sets_and_they_survive_a_checkpoint(
+    trained_run: TrainedRun, small_manifest: Path, series_path: Path, tmp_path: Path
+) -> None:
+    task, contract = load_model(trained_run.ckpt)
+    # Its val rows calibrated it while training (saved in the checkpoint, read back).
+    assert task.conformal is not None and task.conformal.n_places > 1
+    samples = ManifestSamples(small_manifest, contract, series=series_path)
+    task.conformal = None  # as for a checkpoint of an earlier version
+    with pytest.raises(InputError, match="no conformal calibration"):
+        predict(task, PredictionDataModule(samples), tmp_path / "none.csv", coverage=0.9)
+    assert not (tmp_path / "none.csv").exists()
+    # Calibrate on the manifest's val rows (each sensor a place), then predict its test rows.
+    plain = run(task, samples, tmp_path / "plain.csv")
+    frame = pd.read_csv(tmp_path / "plain.csv")
+    classes = list(contract.classes)
+    val = pd.read_csv(small_manifest)["split"].eq("val").to_numpy()
+    probs = frame[[f"p_{c}" for c in classes]].to_numpy()
+    labels = np.array([classes.index(c) for c in pd.read_csv(small_manifest)["label"]])
+    places = pd.read_csv(small_manifest)["sensor_id"].to_numpy()
+    task.conformal = ConformalCalibration.fit(probs[val], labels[val], places[val])
+    checkpoint: dict = {}
+    task.on_save_checkpoint(checkpoint)
+    restored, _ = load_model(trained_run.ckpt)
+    restored.on_load_checkpoint({**checkpoint, "state_dict": {}})
+    assert restored.conformal.threshold(0.9) == task.conformal.threshold(0.9)
+    predict(restored, PredictionDataModule(samples), tmp_path / "sets.csv", coverage=0.9)
+    sets = pd.read_csv(tmp_path / "sets.csv")
+    assert (sets["pred"] == frame["pred"]).all() and (sets["set_size"] >= 1).all()
+    member = task.conformal.sets(probs, 0.9)  # row i's randomisation is u[i] in both
+    assert sets["set_size"].tolist() == member.sum(axis=1).tolist()
+    assert sets["pred_set"].tolist() == ["|".join(np.array(classes)[m]) for m in member]
+    assert all(p in s.split("|") for p, s in zip(sets["pred"], sets["pred_set"], strict=True))
+    wider = predict(restored, PredictionDataModule(samples), tmp_path / "w.csv", coverage=0.99)
+    assert (pd.read_csv(tmp_path / "w.csv")["set_size"] >= sets["set_size"]).all()
+    assert len(wider.pred) == len(plain.pred)
+
+
+def test_unfamiliar_tiles_and_large_sets_are_flagged_uncertain(
+    trained_run: TrainedRun, small_manifest: Path, series_path: Path, geotiff: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    task, contract = load_model(trained_run.ckpt)
+    samples = ManifestSamples(small_manifest, contract, series=series_path)
+    outputs = L.Trainer(logger=False, enable_progress_bar=False).predict(
+        task, PredictionDataModule(samples)
+    )
+    heads = torch.cat([o["heads"] for o in outputs]).numpy()
+    image = heads[:, task.net.head_names.index("image")]
+    sensors = pd.read_csv(small_manifest)["sensor_id"].to_numpy()
+    task.ood = OodCalibration.fit(image, sensors)  # a logic check, not a held-out calibration
+    threshold = task.ood.threshold(0.25)
+    predict(task, PredictionDataModule(samples), tmp_path / "flags.csv", flag_rate=0.25)
+    rows = pd.read_csv(tmp_path / "flags.csv")
+    np.testing.assert_allclose(rows["image_energy"], energy(image), rtol=1e-5)
+    far = rows["image_energy"] > threshold
+    assert 0 < far.sum() < len(rows)
+    assert (rows.loc[far, "status"] == "uncertain").all() and rows["pred"].notna().all()
+    assert rows.loc[far, "note"].str.contains("unlike the training tiles").all()
+    assert (rows.loc[~far, "status"] == "image+series").all()
+    # A raster's regions: flagged ones hatched on the map, counted in its legend.
+    regions = RegionSamples(geotiff / "rgbn.tif", geotiff / "regions.gpkg",
+                            dataclasses.replace(contract, bands=(3, 2, 1)))  # fmt: skip
+    result = predict(task, PredictionDataModule(regions), tmp_path / "r.gpkg", flag_rate=0.25)
+    flagged = result.counts().get("uncertain", 0)
+    assert flagged > 0 and result.map is not None and result.map.stat().st_size > 10_000
+    layer = gpd.read_file(tmp_path / "r.gpkg")
+    assert (layer["status"] == "uncertain").sum() == flagged
+    assert layer.loc[layer["status"] == "uncertain", "pred"].notna().all()

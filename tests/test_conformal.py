@@ -1,0 +1,92 @@
+"""Conformal prediction sets: APS scores and sets by hand, the place-weighted threshold, and the
+coverage guarantee on simulated places."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusion.conformal import (
+    ConformalCalibration,
+    aps_scores,
+    aps_sets,
+    coverage_table,
+    place_quantile,
+)
+
+
+def test_aps_scores_by_hand() -> None:
+    probs = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    scores = aps_scores(probs, np.array([1, 0, 0]), np.array([0.5, 1.0, 0.25]))
+    # Row 0: 0.5 above class 1, plus half its 0.3; row 1: nothing above, all of 0.5;
+    # row 2: 0.6 + 0.3 above class 0, plus a quarter of its 0.1.
+    np.testing.assert_allclose(scores, [0.65, 0.5, 0.925])
+
+
+def test_sets_hold_the_classes_whose_score_is_within_the_threshold() -> None:
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.98, 0.01, 0.01]])
+    u = np.array([0.5, 0.5, 0.5])
+    sets = aps_sets(probs, 0.7, u)
+    # Row 0: scores 0.25, 0.65, 0.9 -> {0, 1}; row 1: 0.3 (class 1), 0.75 (class 2) -> {1};
+    # row 2: the top class's score 0.49 -> {0}.
+    assert sets.tolist() == [[True, True, False], [False, True, False], [True, False, False]]
+    for y in range(3):  # a class is in exactly when its own score is within the threshold
+        inside = aps_scores(probs, np.full(3, y), u) <= 0.7
+        top = probs.argmax(1) == y
+        assert (sets[:, y] == (inside | top)).all()
+    assert aps_sets(probs, 0.0, u).sum(axis=1).tolist() == [1, 1, 1]  # never empty
+
+
+def test_every_place_counts_once() -> None:
+    # Place A has four rows of low scores; counted by rows they would set the threshold.
+    scores = np.array([0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.4])
+    places = ["A", "A", "A", "A", "B", "C", "D"]
+    # Four places, level 0.5 * (1 + 1/4) = 0.625: A, B (0.5) fall short, C reaches 0.75.
+    assert place_quantile(scores, places, 0.5) == pytest.approx(0.3)
+    # Counted by rows (seven "places") it would be 0.1.
+    assert place_quantile(scores, [str(i) for i in range(7)], 0.5) == pytest.approx(0.1)
+    # Too few places for 90%: 0.9 * (1 + 1/4) > 1, the largest score (no guarantee left).
+    assert place_quantile(scores, places, 0.9) == pytest.approx(0.4)
+    # Without the correction (a plain place-weighted quantile, as for flag thresholds).
+    assert place_quantile(scores, places, 0.5, finite_sample=False) == pytest.approx(0.2)
+
+
+def simulate(rng: np.random.Generator, places: int, rows: int, k: int = 6) -> tuple:
+    """Calibrated probabilities (labels drawn from them), a place-level shift shared by the
+    rows of a place, ``rows`` rows per place."""
+    logits = rng.normal(size=(places * rows, k)) * 2
+    logits += np.repeat(rng.normal(size=(places, k)), rows, axis=0)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(k, p=p) for p in probs])
+    return probs, labels, np.repeat(np.arange(places), rows)
+
+
+def test_coverage_holds_on_new_places() -> None:
+    rng = np.random.default_rng(0)
+    hits, sizes = [], []
+    for trial in range(40):
+        probs, labels, places = simulate(rng, places=30, rows=20)
+        calibration = ConformalCalibration.fit(probs, labels, places, seed=trial)
+        new_probs, new_labels, _ = simulate(rng, places=30, rows=20)
+        sets = calibration.sets(new_probs, 0.9, seed=1000 + trial)
+        hits.append(sets[np.arange(len(new_labels)), new_labels].mean())
+        sizes.append(sets.sum(1).mean())
+    # Exact in expectation up to the finite-sample correction: 0.9 <= E[coverage] <~ 0.9 + 1/31.
+    assert 0.895 < np.mean(hits) < 0.94
+    assert 1 < np.mean(sizes) < 6  # informative: far from every class
+
+
+def test_saved_and_restored() -> None:
+    rng = np.random.default_rng(3)
+    probs, labels, places = simulate(rng, places=12, rows=5)
+    calibration = ConformalCalibration.fit(probs, labels, places)
+    again = ConformalCalibration.from_dict(calibration.to_dict())
+    assert again.threshold(0.8) == calibration.threshold(0.8) and again.n_places == 12
+    assert (again.sets(probs, 0.8) == calibration.sets(probs, 0.8)).all()
+
+
+def test_coverage_table_per_class() -> None:
+    sets = np.array([[True, False], [True, True], [False, True], [True, False]])
+    table = coverage_table(sets, np.array([0, 1, 1, 1]), ["a", "b"])
+    assert table[0] == {"class": "all", "rows": 4, "coverage": 0.75, "mean_set_size": 1.25}
+    assert table[1]["coverage"] == 1.0 and table[2]["coverage"] == pytest.approx(2 / 3)
