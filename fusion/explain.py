@@ -52,6 +52,7 @@ VIEWS = ("image", "series")
 GroupBy = Literal["pred", "label"]
 EPS = 1e-12  # probabilities are clipped here before their log
 OUTPUTS = ("explain.csv", "report.csv", "report.md", "views.png")
+BOTH_VIEWS = ("both", "image", "series", "neither")  # the view_agree of rows with both views
 ADDED = (
     "fused_p", "image_p", "series_p", "moved_by_image", "moved_by_series", "view_agree", "driver",
 )  # fmt: skip
@@ -210,15 +211,6 @@ def explain_rows(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------- per class
 
-COUNTS = (
-    "rows", "one_view", "both_views", "views_agree", "views_disagree", "follows_image",
-    "follows_series", "follows_neither",
-)  # fmt: skip
-RIGHT = (
-    "right_when_agree", "right_following_image", "right_following_series",
-    "right_following_neither", "image_right_on_disagree", "series_right_on_disagree",
-)  # fmt: skip
-
 
 def class_report(explained: pd.DataFrame, classes: list[str], by: GroupBy = "pred") -> pd.DataFrame:
     """One row per class of ``classes`` (rows of ``explained`` grouped by their fused predicted
@@ -243,7 +235,7 @@ def class_report(explained: pd.DataFrame, classes: list[str], by: GroupBy = "pre
         raise InputError("rows by true class need labels", field="label")
     image, series = _names(explained["pred_image"]), _names(explained["pred_series"])
     agree_with = _names(explained["view_agree"])
-    both = np.isin(agree_with, ["both", "image", "series", "neither"])
+    both = np.isin(agree_with, BOTH_VIEWS)
     agree, disagree = both & (image == series), both & (image != series)
     kinds = {
         "rows": pred != "",
@@ -289,15 +281,14 @@ def view_scores(explained: pd.DataFrame, classes: list[str]) -> dict[str, dict[s
     if "label" not in explained.columns:
         return {}
     labels = _names(explained["label"])
-    rows = (labels != "") & np.isin(_names(explained["view_agree"]), ["both", "image", "series",
-                                                                      "neither"])  # fmt: skip
+    rows = (labels != "") & np.isin(_names(explained["view_agree"]), BOTH_VIEWS)
     if not rows.any():
         return {}
     index = {name: k for k, name in enumerate(classes)}
     truth = np.array([index[v] for v in labels[rows]])
     out = {}
-    for name, column in (("fused", "pred"), ("image alone", "pred_image"),
-                         ("series alone", "pred_series")):  # fmt: skip
+    predictions = {"fused": "pred", "image alone": "pred_image", "series alone": "pred_series"}
+    for name, column in predictions.items():
         said = np.array([index[v] for v in _names(explained[column])[rows]])
         values = scores(confusion_matrix(truth, said, len(classes)))
         out[name] = {"n": int(rows.sum()), "OA": values["OA"], "macro_f1": values["macro_f1"]}

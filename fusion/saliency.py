@@ -277,6 +277,8 @@ def _draw_series(top: plt.Axes, bottom: plt.Axes, result: Saliency) -> None:
     top.plot(t, np.where(result.mask[:, None], result.series, np.nan), linewidth=0.7)
     top.set_ylabel("log1p count")
     start = "" if result.start is None else f" from {result.start}"
+    if result.local_hour is not None:
+        start += f", local hour {result.local_hour[0]}"
     top.set_title(f"series ({len(t)} h{start})", fontsize=9)
     top.sharex(bottom)
     top.tick_params(labelbottom=False)
