@@ -5,6 +5,9 @@
   :class:`fusion.data.datamodule.FusionDataModule` (:mod:`fusion.training`).
 - ``fusion predict --ckpt_path MODEL.ckpt (--manifest CSV | --raster TIF --regions GPKG)
   --output FILE``: a trained model on new places (:mod:`fusion.predict`).
+- ``fusion explain --predictions PREDS.csv --output DIR``: why each view decided, per sample
+  and per class (:mod:`fusion.explain`); ``fusion explain --ckpt_path MODEL.ckpt --manifest CSV
+  --sample-id ID --output DIR``: one sample's saliency figure (:mod:`fusion.saliency`).
 - ``fusion data inspect --manifest FILE``: what a manifest holds, as tables and a gallery.
 - ``fusion bench --output results/bench``: cost of every variant against the bare ViT
   (:mod:`fusion.bench`).
@@ -197,6 +200,60 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"kappa {m['kappa']:.4f}  ECE {m['ece']:.4f} -> {m['ece_calibrated']:.4f} "
             f"calibrated (T={task.temperature.item():.3f})"
         )
+    return 0
+
+
+def _explain_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="why each view decided: from a predictions CSV, which view moved each prediction "
+        "and a per-class report; or, for one sample, a saliency figure of its tile and series",
+        description="--predictions PREDS.csv (of fusion predict or fusion test, a model of both "
+        "views): DIR/explain.csv, report.csv, report.md, views.png. --ckpt_path CKPT --manifest "
+        "M.csv --sample-id ID: DIR/saliency_ID.png and .npz (gradient x input of the fused "
+        "class's log-probability over the ViT patch tokens and the series hours).",
+    )
+    p.add_argument("--output", required=True, type=Path, help="folder for the outputs")
+    table = p.add_argument_group("every sample of a predictions table")
+    table.add_argument("--predictions", type=Path, help="CSV of fusion predict or fusion test")
+    table.add_argument(
+        "--by", choices=["pred", "label"], default="pred",
+        help="report rows: the fused predicted class (default) or the true class (needs label)",
+    )  # fmt: skip
+    one = p.add_argument_group("one sample, read as fusion predict reads it")
+    one.add_argument("--ckpt_path", "--ckpt-path", type=Path)
+    one.add_argument("--manifest", type=Path)
+    one.add_argument("--sample-id", help="the manifest row's sample_id")
+    one.add_argument("--series", type=Path, help="activity table of the manifest's places")
+    one.add_argument("--image-root", type=Path, help="folder of relative image paths")
+    one.add_argument("--timezone", help="IANA zone for naive timestamps (default: the model's)")
+
+
+def _explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    one = (args.ckpt_path, args.manifest, args.sample_id)
+    if (args.predictions is None) == all(v is None for v in one):
+        parser.error("explain needs either --predictions or --ckpt_path, --manifest, --sample-id")
+    if args.predictions is not None:
+        from fusion.explain import write_explanation
+
+        done = write_explanation(args.predictions, args.output, by=args.by)
+        counts = done.rows["driver"].value_counts()
+        drivers = ", ".join(f"{k}: {counts[k]}" for k in ("image", "series", "both", "-")
+                            if k in counts)  # fmt: skip
+        print(f"explained {len(done.rows)} rows (driver {drivers})")
+        print(f"wrote {', '.join(str(f) for f in done.files.values())}")
+        return 0
+    if any(v is None for v in one):
+        parser.error("one sample needs --ckpt_path, --manifest and --sample-id")
+    from fusion.saliency import sample_saliency, write_saliency
+
+    result = sample_saliency(
+        args.ckpt_path, args.manifest, args.sample_id, series=args.series,
+        image_root=args.image_root, timezone=args.timezone,
+    )  # fmt: skip
+    files = write_saliency(result, args.output)
+    print(f"{result.sample_id}: fused {result.pred} ({result.probs.max():.3f}); {result.method}")
+    print(f"wrote {files['figure']} and {files['arrays']}")
     return 0
 
 
@@ -408,11 +465,14 @@ def main(argv: list[str] | None = None) -> int:
         sub = parser.add_subparsers(dest="command", required=True)
         _data_parser(sub)
         _predict_parser(sub)
+        _explain_parser(sub)
         _bench_parser(sub)
         _experiment_parsers(sub)
         args = parser.parse_args(argv)
         if args.command == "predict":
             return _predict(args, sub.choices["predict"])
+        if args.command == "explain":
+            return _explain(args, sub.choices["explain"])
         if args.command == "bench":
             return _bench(args)
         if args.command == "data":

@@ -133,15 +133,22 @@ class ViTEncoder(nn.Module):
     def frozen_part(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, S, S)`` → the frozen blocks' output ``(B, 1 + G*G, D)``: the final tokens
         (``freeze="all"``) or those after block ``k`` (``freeze=k``), pooled to the grid."""
+        return self.pool_tokens(self.backbone_tokens(images))[0]
+
+    def backbone_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, S, S)`` → the backbone's tokens where they are pooled to the grid, ``(B, P +
+        H*W, D)`` (``P`` prefix tokens, an ``H x W`` patch grid): after block ``k``
+        (``freeze=k``), else the final ones. What :meth:`pool_tokens` reads; a saliency map
+        differentiates through it from here on."""
         backbone = self.backbone
-        if self.frozen:
-            return self.pool_tokens(backbone.forward_features(images))[0]
+        if self.freeze in ("all", "none"):
+            return backbone.forward_features(images)
         x = backbone.norm_pre(
             backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images)))
         )
         for block in backbone.blocks[: int(self.freeze)]:
             x = block(x)
-        return self.pool_tokens(x)[0]
+        return x
 
     def trainable_part(self, tokens: torch.Tensor) -> torch.Tensor:
         """Finish the encoding from :meth:`frozen_part`'s ``tokens (B, N, D)``: the trained
