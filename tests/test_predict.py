@@ -22,6 +22,7 @@ from fusion.data.contract import DataContract
 from fusion.data.prediction import ManifestSamples, PredictionDataModule, RegionSamples
 from fusion.errors import InputError, InputErrors
 from fusion.predict import Prediction, load_model, predict, score
+from tests.browser import Chromium
 from tests.conftest import TrainedRun
 
 
@@ -242,7 +243,20 @@ def test_regions_form_writes_a_geopackage_and_a_map(
     png = out.with_suffix(".png")
     with Image.open(png) as image:
         assert image.size[0] > 300 and image.size[1] > 200
-    assert "252 rows" in capsys.readouterr().out
+    html = out.with_suffix(".html")
+    printed = capsys.readouterr().out
+    assert "252 rows" in printed and f"wrote {html}" in printed
+    with Chromium() as browser:  # the interactive map: every region, its class, offline
+        browser.open(html)
+        assert browser.events.errors() == []
+        assert all(url.startswith(("file:", "data:")) for url in browser.events.requests)
+        drawn = browser.evaluate(
+            "(() => { const out = []; window[document.querySelector('.folium-map').id]"
+            ".eachLayer(l => { if (l.feature) out.push([l.feature.properties.id,"
+            " l.feature.properties.pred || '']); }); return out; })()"
+        )
+    expected = zip(preds["region_id"].astype(str), preds["pred"], strict=True)
+    assert sorted(map(tuple, drawn)) == sorted(expected)
 
 
 def test_band_count_mismatch_names_the_raster(model, geotiff: Path) -> None:
