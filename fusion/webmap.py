@@ -238,16 +238,20 @@ def _top(frame: pd.DataFrame, classes: Sequence[str], prefix: str, k: int) -> pd
 
 
 def _view(frame: pd.DataFrame, classes: Sequence[str], view: str) -> pd.Series | None:
-    """What one view says alone: ``"name (0.72)"`` from ``pred_<view>`` and ``p_<view>_<name>``."""
+    """What one view says alone: ``"name (0.72)"`` from ``pred_<view>`` and ``p_<view>_<name>``
+    (the name alone without those columns)."""
     if f"pred_{view}" not in frame.columns:
         return None
     preds = _text(frame[f"pred_{view}"])
-    lookup = {name: f"p_{view}_{name}" for name in classes if f"p_{view}_{name}" in frame.columns}
+    columns = [f"p_{view}_{name}" for name in classes]
+    if not all(c in frame.columns for c in columns):
+        return preds
+    probs = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    index = {name: k for k, name in enumerate(classes)}
     rows = []
-    for i, pred in zip(frame.index, preds, strict=True):
-        column = lookup.get(pred) if pred is not None else None
-        p = pd.to_numeric(frame.at[i, column], errors="coerce") if column else np.nan
-        rows.append(pred if pred is None or not np.isfinite(p) else f"{pred} ({p:.2f})")
+    for pred, p in zip(preds, probs, strict=True):
+        k = index.get(pred) if pred is not None else None
+        rows.append(pred if k is None or not np.isfinite(p[k]) else f"{pred} ({p[k]:.2f})")
     return pd.Series(rows, index=frame.index, dtype=object)
 
 

@@ -239,6 +239,13 @@ def test_popup_rows_come_from_the_columns_present(predictions: gpd.GeoDataFrame)
     ]  # fmt: skip
     assert table["top"].str.count(",").max() == 1
     assert table["note"].iloc[skipped] == NOTE and table["note"].iloc[0] is None
+    first = predictions.iloc[0]
+    image_p = first[f"p_image_{first['pred_image']}"]
+    assert table["image"].iloc[0] == f"{first['pred_image']} ({image_p:.2f})"
+
+    table, fields = popup_properties(predictions[["pred", "pred_series"]], CLASSES)
+    assert [key for key, _ in fields] == ["pred", "series"]  # no probabilities: the name alone
+    assert table["series"].tolist() == [v or None for v in predictions["pred_series"]]
 
 
 def test_features_are_lonlat_rounded_and_only_polygons(predictions: gpd.GeoDataFrame) -> None:
