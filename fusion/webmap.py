@@ -72,7 +72,9 @@ function fusionPopup(props) {
     const head = document.createElement("th");
     head.textContent = label;
     row.appendChild(head);
-    row.insertCell().textContent = String(value);
+    const cell = row.insertCell();
+    cell.textContent = String(value);
+    if (cell.textContent.length > 40) cell.className = "long";
   }
   return table;
 }
@@ -80,7 +82,8 @@ function fusionPopup(props) {
 
 _STYLE = """
 .fusion-popup th { text-align: left; padding-right: 8px; vertical-align: top; white-space: nowrap; }
-.fusion-popup td { white-space: pre-wrap; }
+.fusion-popup td { white-space: pre; }
+.fusion-popup td.long { white-space: pre-wrap; min-width: 16em; }
 .fusion-legend { background: rgba(255, 255, 255, 0.92); padding: 6px 9px; line-height: 1.5;
   border-radius: 4px; box-shadow: 0 1px 4px rgba(0, 0, 0, 0.4); font: 12px sans-serif; }
 .fusion-legend .swatch { display: inline-block; width: 14px; height: 11px; margin-right: 6px;
@@ -224,7 +227,7 @@ def _text(values: pd.Series) -> pd.Series:
 
 
 def _top(frame: pd.DataFrame, classes: Sequence[str], prefix: str, k: int) -> pd.Series | None:
-    """``"name 0.81, name 0.12, ..."``: the ``k`` largest ``<prefix><class>`` columns per row."""
+    """Lines ``name 0.81``: the ``k`` largest ``<prefix><class>`` columns of each row."""
     columns = [f"{prefix}{name}" for name in classes]
     if not all(c in frame.columns for c in columns):
         return None
@@ -233,7 +236,7 @@ def _top(frame: pd.DataFrame, classes: Sequence[str], prefix: str, k: int) -> pd
     rows = []
     for p, idx in zip(probs, order, strict=True):
         parts = [f"{classes[i]} {p[i]:.2f}" for i in idx if np.isfinite(p[i])]
-        rows.append(", ".join(parts) or None)
+        rows.append("\n".join(parts) or None)
     return pd.Series(rows, index=frame.index, dtype=object)
 
 
@@ -407,7 +410,8 @@ def _add_layer(
         style_function=lambda f: doubtful if f["properties"].get("status") == UNCERTAIN else normal,
         on_each_feature=JsCode(
             "function (feature, layer) {"
-            " layer.bindPopup(() => fusionPopup(feature.properties), {maxWidth: 420}); }"
+            " layer.bindPopup(() => fusionPopup(feature.properties),"
+            " {minWidth: 220, maxWidth: 420}); }"
         ),
     ).add_to(fmap)
 

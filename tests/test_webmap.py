@@ -165,7 +165,7 @@ def check_popups(browser: Chromium, predictions: gpd.GeoDataFrame) -> None:
     for line in (
         f"region_id\t{row['region_id']}",
         f"predicted class\t{row['pred']}",
-        f"probabilities\t{top} {row[f'p_{top}']:.2f}, ",
+        f"probabilities\t{top} {row[f'p_{top}']:.2f}\n",
         f"prediction set\t{row['pred_set']}",
         f"set size\t{row['set_size']}",
         f"image alone\t{row['pred_image']} ({image_p:.2f})",
@@ -229,7 +229,7 @@ def test_popup_rows_come_from_the_columns_present(predictions: gpd.GeoDataFrame)
     assert fields == [("id", "region_id"), ("pred", "predicted class"), ("top", "probabilities")]
     row = frame.iloc[0]
     order = sorted(CLASSES, key=lambda c: -row[f"p_{c}"])
-    assert table["top"].iloc[0] == ", ".join(f"{c} {row[f'p_{c}']:.2f}" for c in order)
+    assert table["top"].iloc[0] == "\n".join(f"{c} {row[f'p_{c}']:.2f}" for c in order)
     skipped = int(np.flatnonzero(~predictions["complete"].to_numpy())[0])
     assert table["top"].iloc[skipped] is None and table["pred"].iloc[skipped] is None
 
@@ -237,7 +237,7 @@ def test_popup_rows_come_from_the_columns_present(predictions: gpd.GeoDataFrame)
     assert [key for key, _ in fields] == [
         "pred", "top", "pred_set", "set_size", "image", "series", "status", "note",
     ]  # fmt: skip
-    assert table["top"].str.count(",").max() == 1
+    assert table["top"].str.count("\n").max() == 1
     assert table["note"].iloc[skipped] == NOTE and table["note"].iloc[0] is None
     first = predictions.iloc[0]
     image_p = first[f"p_image_{first['pred_image']}"]
