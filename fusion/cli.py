@@ -193,6 +193,8 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"wrote {result.output} ({len(result.pred)} rows; {counts})")
     if result.map is not None:
         print(f"wrote {result.map}")
+    if result.web_map is not None:
+        print(f"wrote {result.web_map}")
     if result.metrics:
         m = result.metrics
         print(

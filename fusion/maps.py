@@ -80,7 +80,7 @@ def regions_path(geoms: geopandas.GeoSeries) -> MplPath:
     return MplPath(coords, codes)
 
 
-def _class_codes(
+def class_codes(
     regions: geopandas.GeoDataFrame, classes: Sequence[str], label_column: str
 ) -> np.ndarray:
     """Class index per region (``-1`` where the label is missing/empty, i.e. skipped).
@@ -152,7 +152,7 @@ def draw_prediction_map(
     shapes = regions[regions.geometry.notna() & ~regions.geometry.is_empty]
     if crs is not None and shapes.crs is not None and len(shapes):
         shapes = shapes.to_crs(crs)
-    codes = _class_codes(shapes, classes, label_column)
+    codes = class_codes(shapes, classes, label_column)
     colors = class_colors(len(classes))
 
     handles: list[Patch] = []

@@ -33,6 +33,7 @@ from fusion.maps import UNCERTAIN_STATUS, plot_prediction_map
 from fusion.metrics import confusion_matrix, scores
 from fusion.ood import FLAG_RATE, energy
 from fusion.task import IMAGE_HEAD, VIEWS, FusionTask, probability_columns
+from fusion.webmap import write_web_map
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
@@ -234,6 +235,7 @@ class Prediction:
     status: np.ndarray  # (N,) str
     metrics: dict[str, float] = field(default_factory=dict)
     map: Path | None = None  # the PNG map of a regions run
+    web_map: Path | None = None  # its interactive HTML map
 
     def counts(self) -> dict[str, int]:
         values, counts = np.unique(self.status, return_counts=True)
@@ -242,8 +244,8 @@ class Prediction:
 
 def check_output(output: str | os.PathLike[str], regions: bool) -> Path:
     """Refuse, before any work, an output :func:`predict` could not write: not ``.csv`` or
-    ``.gpkg``, a GeoPackage without regions, or a file (or a regions run's ``.png`` map) that
-    cannot be replaced."""
+    ``.gpkg``, a GeoPackage without regions, or a file (or a regions run's ``.png`` and
+    ``.html`` maps) that cannot be replaced."""
     output = Path(output)
     if output.suffix.lower() not in (".csv", ".gpkg"):
         raise InputError("output must end in .csv or .gpkg", file=output)
@@ -252,6 +254,7 @@ def check_output(output: str | os.PathLike[str], regions: bool) -> Path:
     check_replaceable(output)
     if regions:
         check_replaceable(output.with_suffix(".png"))
+        check_replaceable(output.with_suffix(".html"))
     return output
 
 
@@ -289,9 +292,10 @@ def predict(
     max_set_size: int | None = None,
 ) -> Prediction:
     """Predict every sample of ``data``, writing ``output`` (``.csv``, or ``.gpkg`` for regions)
-    only once all are done (rows: :class:`RowWriter`); a regions run also draws ``.png``, a
-    labelled manifest is scored. ``coverage`` (e.g. 0.9) adds conformal prediction sets
-    calibrated on the places the model was not trained on (:mod:`fusion.conformal`);
+    only once all are done (rows: :class:`RowWriter`); a regions run also draws ``.png`` and
+    ``.html`` (:mod:`fusion.webmap`), a labelled manifest is scored. ``coverage`` (e.g. 0.9)
+    adds conformal prediction sets calibrated on the places the model was not trained on
+    (:mod:`fusion.conformal`);
     ``flag_rate`` (the share of those places' tiles that would be flagged; None: no flags) and
     ``max_set_size`` mark predictions ``uncertain`` (:class:`Flags`)."""
     raster = data.regions()
@@ -332,9 +336,28 @@ def predict(
             nodata=contract.nodata,
             title=f"{output.name}: predicted classes",
         )
+        result.web_map = write_web_map(
+            raster.raster_path,
+            _written_regions(output, raster.frame),
+            classes,
+            output.with_suffix(".html"),
+            id_column=raster.id_column,
+            rgb_bands=contract.bands[:3] if contract.bands else None,
+            nodata=contract.nodata,
+            title=f"{output.name}: predicted classes",
+        )
     elif data.labels is not None:
         result.metrics = score(writer.logits, data.labels, writer.pred, task.temperature.item())
     return result
+
+
+def _written_regions(output: Path, frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """The rows just written, with their regions' geometry (a CSV's rows are in the regions'
+    order: the samples are predicted in order)."""
+    if output.suffix.lower() == ".gpkg":
+        return gpd.read_file(output, layer="predictions")
+    rows = pd.read_csv(output)
+    return gpd.GeoDataFrame(rows, geometry=frame.geometry.to_numpy(), crs=frame.crs)
 
 
 def score(

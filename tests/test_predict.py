@@ -25,6 +25,7 @@ from fusion.data.prediction import ManifestSamples, PredictionDataModule, Region
 from fusion.errors import InputError, InputErrors
 from fusion.ood import OodCalibration, energy
 from fusion.predict import Prediction, load_model, predict, score
+from tests.browser import Chromium
 from tests.conftest import TrainedRun
 
 
@@ -245,7 +246,29 @@ def test_regions_form_writes_a_geopackage_and_a_map(
     png = out.with_suffix(".png")
     with Image.open(png) as image:
         assert image.size[0] > 300 and image.size[1] > 200
-    assert "252 rows" in capsys.readouterr().out
+    html = out.with_suffix(".html")
+    printed = capsys.readouterr().out
+    assert "252 rows" in printed and f"wrote {html}" in printed
+    drawn = map_features(html)
+    assert {region: pred for region, (pred, _) in drawn.items()} == dict(
+        zip(preds["region_id"].astype(str), preds["pred"], strict=True)
+    )
+
+
+def map_features(html: Path) -> dict[str, tuple[str, list[float]]]:
+    """Region id -> (predicted class, [south, west, north, east]) of every region drawn on the
+    HTML map, opened offline without an error."""
+    with Chromium() as browser:
+        browser.open(html)
+        assert browser.events.errors() == []
+        assert all(url.startswith(("file:", "data:")) for url in browser.events.requests)
+        drawn = browser.evaluate(
+            "(() => { const out = []; window[document.querySelector('.folium-map').id]"
+            ".eachLayer(l => { if (l.feature) { const b = l.getBounds();"
+            " out.push([l.feature.properties.id, l.feature.properties.pred || '',"
+            " [b.getSouth(), b.getWest(), b.getNorth(), b.getEast()]]); } }); return out; })()"
+        )
+    return {region: (pred, bounds) for region, pred, bounds in drawn}
 
 
 def test_band_count_mismatch_names_the_raster(model, geotiff: Path) -> None:
@@ -298,6 +321,25 @@ def test_regions_outside_the_raster_and_series_joined_by_key(
     ]  # fmt: skip
     assert "outside the raster" in out["note"].iloc[7] and result.pred[7] == -1
     assert result.map is not None and result.map.is_file()
+
+
+def test_regions_written_to_a_csv_get_both_maps(model, geotiff: Path, tmp_path: Path) -> None:
+    """The HTML map of a CSV output takes each row's geometry from the regions, in order."""
+    task, inputs = model
+    regions = gpd.read_file(geotiff / "regions.gpkg").iloc[131:119:-1]  # ids descending
+    regions.to_file(tmp_path / "regions.gpkg")
+    samples = RegionSamples(geotiff / "rgbn.tif", tmp_path / "regions.gpkg", rgb(inputs))
+    result = run(task, samples, tmp_path / "preds.csv")
+    rows = pd.read_csv(tmp_path / "preds.csv", dtype=str, keep_default_na=False)
+    assert result.map == tmp_path / "preds.png" and result.web_map == tmp_path / "preds.html"
+    drawn = map_features(result.web_map)
+    assert {region: pred for region, (pred, _) in drawn.items()} == dict(
+        zip(rows["region_id"], rows["pred"], strict=True)
+    )
+    centres = regions.geometry.centroid.to_crs("EPSG:4326")
+    for region, centre in zip(regions["region_id"].astype(str), centres, strict=True):
+        south, west, north, east = drawn[region][1]  # each row drawn in its own cell
+        assert south < centre.y < north and west < centre.x < east
 
 
 def test_a_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
