@@ -47,8 +47,9 @@ from fusion.calibration import (
 from fusion.configs import CONFIG_DIR, config_args, config_files
 from fusion.io import atomic_path
 from fusion.metrics import SCALARS, confusion_matrix, draw_confusion, macro_f1, scores
+from fusion.ood import FLAG_RATE, energy
 from fusion.plots import save_figure
-from fusion.task import VIEWS
+from fusion.task import IMAGE_HEAD, VIEWS
 from fusion.training import build_cli, refit
 
 OOF_FILE = "oof_predictions.csv.gz"
@@ -186,6 +187,10 @@ def _test_outputs(trainer: Any, task: Any, dm: Any) -> tuple[pd.DataFrame, torch
         member = task.conformal.sets(out["probs"].numpy(), SET_COVERAGE)
         frame["pred_set"] = ["|".join(np.array(dm.classes.names)[m]) for m in member]
         frame["set_size"] = member.sum(axis=1)
+    if task.ood is not None:  # the image expert's energy, thresholded on the inner val places
+        head = task.net.head_names.index(IMAGE_HEAD)
+        frame["image_energy"] = energy(out["heads"][:, head].numpy())
+        frame["flagged"] = frame["image_energy"] > task.ood.threshold(FLAG_RATE)
     return frame, out["logits"], seconds
 
 
@@ -529,6 +534,43 @@ def coverage_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def flag_table(oof: pd.DataFrame) -> pd.DataFrame:
+    """Per setting: the share of held-out rows flagged as unfamiliar (:mod:`fusion.ood`, at
+    :data:`~fusion.ood.FLAG_RATE` of the inner val places) and the accuracy of the flagged rows
+    and of the rest, means over repeats."""
+    records = []
+    for (setting, repeat), part in oof.groupby(["setting", "repeat"], sort=False):
+        flagged = part["flagged"].astype(str).str.lower() == "true"
+        if part["flagged"].isna().all() or (part["flagged"].astype(str) == "").all():
+            continue
+        right = (part["pred"] == part["label"]).to_numpy()
+        records.append({
+            "setting": setting, "repeat": repeat, "flagged": flagged.mean(),
+            "accuracy_flagged": right[flagged.to_numpy()].mean() if flagged.any() else np.nan,
+            "accuracy_rest": right[~flagged.to_numpy()].mean(),
+            "accuracy_all": right.mean(),
+        })  # fmt: skip
+    frame = pd.DataFrame(records)
+    return frame.groupby("setting", sort=False).mean(numeric_only=True).drop(columns="repeat")
+
+
+def flags_markdown(table: pd.DataFrame) -> str:
+    """The :func:`flag_table` as markdown."""
+    lines = [
+        f"### Unfamiliar tiles flagged on the held-out places (energy, {FLAG_RATE:.0%} of the "
+        "inner val places)",
+        "",
+        "| setting | rows flagged | accuracy flagged | accuracy rest | accuracy all |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for setting, row in table.iterrows():
+        lines.append(
+            f"| {setting} | {row.flagged:.1%} | {row.accuracy_flagged:.3f} | "
+            f"{row.accuracy_rest:.3f} | {row.accuracy_all:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _pm(mean: float, std: float) -> str:
     if np.isnan(mean):
         return "n/a"
@@ -686,6 +728,8 @@ def _report(
             text += "\n" + versus_markdown(table, reference)
     if "pred_set" in oof.columns:
         text += "\n" + coverage_markdown(set_coverage(oof, classes))
+    if "flagged" in oof.columns:
+        text += "\n" + flags_markdown(flag_table(oof))
     _write_atomic(output / "summary.md", text)
     plot_metric(pooled, output / f"{output.name}.png", title)
     plot_confusions(oof, classes, output / "confusion.png")

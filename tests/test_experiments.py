@@ -71,6 +71,10 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
     # The fused model with one view removed, scored on the same rows.
     assert "| concat · image alone |" in summary and "| concat · series alone |" in summary
     assert "Conformal prediction sets at 90% on the held-out places" in summary
+    assert "Unfamiliar tiles flagged on the held-out places" in summary
+    flags = experiments.flag_table(oof)
+    assert set(flags.index) == {"vit", "concat"}  # every trained model has an image head
+    assert ((flags["flagged"] >= 0) & (flags["flagged"] <= 1)).all()
     table = experiments.set_coverage(oof, sorted(manifest["label"].unique()))
     concat_all = table[(table["setting"] == "concat") & (table["true_class"] == "all")]
     hit = [p in s.split("|") for p, s in zip(sets["label"], sets["pred_set"], strict=True)]
