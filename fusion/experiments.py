@@ -89,6 +89,8 @@ class Outcome:
     vit_tokens: str  # "cached" (frozen ViT tokens read from the cache) or "none"
     fusion_layer: int | None = None
     view_weights: dict[str, float] = field(default_factory=dict)  # each head's share
+    # The conformal calibration of the inner val places (fusion.conformal), as saved.
+    conformal: dict[str, list] | None = None
 
 
 def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
@@ -155,6 +157,7 @@ def run_once(spec: RunSpec, folder: Path) -> dict[str, Any]:
         "places_per_label": _places_per_label(dm),
         "single_place_labels": dm.single_place_labels,
         "confusion": confusion.tolist(),
+        "conformal": outcome.conformal,
     }
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     with atomic_path(folder / "predictions.csv") as tmp:
@@ -183,10 +186,6 @@ def _test_outputs(trainer: Any, task: Any, dm: Any) -> tuple[pd.DataFrame, torch
     frame = predictions_frame(
         index, dm.labels[index], out["probs"].numpy(), list(dm.classes.names), views
     )
-    if task.conformal is not None:  # calibrated on the inner val places, never on these
-        member = task.conformal.sets(out["probs"].numpy(), SET_COVERAGE)
-        frame["pred_set"] = ["|".join(np.array(dm.classes.names)[m]) for m in member]
-        frame["set_size"] = member.sum(axis=1)
     if task.ood is not None:  # the image expert's energy, thresholded on the inner val places
         head = task.net.head_names.index(IMAGE_HEAD)
         frame["image_energy"] = energy(out["heads"][:, head].numpy())
@@ -223,6 +222,7 @@ def _train(cli: Any, args: list[str]) -> Outcome:
         vit_tokens="cached" if task.caches_image_tokens else "none",
         fusion_layer=getattr(task.net.fusion, "fusion_layer", None),
         view_weights=dict(zip(task.net.head_names, task.net.view_weights.tolist(), strict=True)),
+        conformal=None if task.conformal is None else task.conformal.to_dict(),
     )
 
 
@@ -308,12 +308,21 @@ def cross_validate(
                 result = run_once(spec, folder)
                 rows.append({"setting": setting.name, **result})
                 part = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+                part = with_sets(part, result.get("conformal"), result["classes"])
                 parts.append(part.assign(setting=setting.name, repeat=repeat))
     oof = pd.concat(parts, ignore_index=True)
     oof = oof[["setting", "repeat", *[c for c in oof.columns if c not in ("setting", "repeat")]]]
     check_oof(oof)
     results = pd.DataFrame(rows).drop(
-        columns=["confusion", "classes", "overrides", "places_per_label", "single_place_labels"]
+        columns=[
+            "confusion",
+            "classes",
+            "overrides",
+            "places_per_label",
+            "single_place_labels",
+            "conformal",
+        ],
+        errors="ignore",
     )
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "results.csv") as tmp:
@@ -490,6 +499,22 @@ def summarize(results: pd.DataFrame, pooled: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def with_sets(
+    part: pd.DataFrame, conformal: dict[str, list] | None, classes: Sequence[str]
+) -> pd.DataFrame:
+    """A run's held-out rows with ``pred_set`` and ``set_size`` at :data:`SET_COVERAGE`, from
+    its calibrated probabilities and the conformal calibration of its inner val places (as
+    ``fusion predict --coverage`` makes them); unchanged for a run without one."""
+    from fusion.conformal import ConformalCalibration
+
+    if conformal is None:
+        return part
+    probs = part[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
+    member = ConformalCalibration.from_dict(conformal).sets(probs, SET_COVERAGE)
+    names = np.array(classes)
+    return part.assign(pred_set=["|".join(names[m]) for m in member], set_size=member.sum(1))
+
+
 def set_coverage(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """Empirical coverage and mean size of the conformal sets (:data:`SET_COVERAGE`) on the
     held-out folds, per setting, overall and per true class: mean and std over repeats of the
@@ -520,8 +545,9 @@ def coverage_markdown(table: pd.DataFrame) -> str:
         f"### Conformal prediction sets at {SET_COVERAGE:.0%} on the held-out places",
         "",
         "APS sets (fusion.conformal), each fold's threshold from its inner val places (which "
-        "also fitted the heads' weights and temperature), scored on the held-out fold; mean ± "
-        "std over repeats.",
+        "also fitted the heads' weights and temperature; saved in its result.json, so the sets "
+        "are recomputed from the held-out rows' probabilities), scored on the held-out fold; "
+        "mean ± std over repeats.",
         "",
         "| setting | true class | rows | coverage | mean set size |",
         "|---|---|---:|---:|---:|",

@@ -45,7 +45,7 @@ class OodCalibration:
     def threshold(self, rate: float = FLAG_RATE) -> float:
         """The energy above which a row is flagged, so that about ``rate`` of held-out
         places' rows would be."""
-        return place_quantile(self.scores, self.places, 1 - rate, finite_sample=False)
+        return place_quantile(self.scores, self.places, 1 - rate)
 
     def to_dict(self) -> dict[str, list]:
         return {"scores": self.scores.tolist(), "places": self.places.tolist()}

@@ -41,14 +41,12 @@ def test_every_place_counts_once() -> None:
     # Place A has four rows of low scores; counted by rows they would set the threshold.
     scores = np.array([0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.4])
     places = ["A", "A", "A", "A", "B", "C", "D"]
-    # Four places, level 0.5 * (1 + 1/4) = 0.625: A, B (0.5) fall short, C reaches 0.75.
-    assert place_quantile(scores, places, 0.5) == pytest.approx(0.3)
-    # Counted by rows (seven "places") it would be 0.1.
-    assert place_quantile(scores, [str(i) for i in range(7)], 0.5) == pytest.approx(0.1)
-    # Too few places for 90%: 0.9 * (1 + 1/4) > 1, the largest score (no guarantee left).
-    assert place_quantile(scores, places, 0.9) == pytest.approx(0.4)
-    # Without the correction (a plain place-weighted quantile, as for flag thresholds).
-    assert place_quantile(scores, places, 0.5, finite_sample=False) == pytest.approx(0.2)
+    # Four places of weight 1/4: A reaches 0.25, B 0.5, C 0.75.
+    assert place_quantile(scores, places, 0.6) == pytest.approx(0.3)
+    assert place_quantile(scores, places, 0.5) == pytest.approx(0.2)
+    # Counted by rows (seven "places") 0.6 is reached by the fifth score.
+    assert place_quantile(scores, [str(i) for i in range(7)], 0.6) == pytest.approx(0.2)
+    assert place_quantile(scores, places, 0.99) == pytest.approx(0.4)
 
 
 def simulate(rng: np.random.Generator, places: int, rows: int, k: int = 6) -> tuple:
@@ -71,8 +69,8 @@ def test_coverage_holds_on_new_places() -> None:
         sets = calibration.sets(new_probs, 0.9, seed=1000 + trial)
         hits.append(sets[np.arange(len(new_labels)), new_labels].mean())
         sizes.append(sets.sum(1).mean())
-    # Exact in expectation up to the finite-sample correction: 0.9 <= E[coverage] <~ 0.9 + 1/31.
-    assert 0.895 < np.mean(hits) < 0.94
+    # Without the finite-sample correction, about 0.9 in expectation (30 places).
+    assert 0.88 < np.mean(hits) < 0.92
     assert 1 < np.mean(sizes) < 6  # informative: far from every class
 
 
