@@ -31,7 +31,7 @@ from fusion.errors import InputError
 from fusion.io import atomic_path, check_replaceable
 from fusion.maps import UNCERTAIN_STATUS, plot_prediction_map
 from fusion.metrics import confusion_matrix, scores
-from fusion.ood import FLAG_RATE, energy
+from fusion.ood import energy
 from fusion.task import IMAGE_HEAD, VIEWS, FusionTask, probability_columns
 from fusion.webmap import write_web_map
 
@@ -288,7 +288,7 @@ def predict(
     *,
     device: str = "cpu",
     coverage: float | None = None,
-    flag_rate: float | None = FLAG_RATE,
+    flag_rate: float | None = None,
     max_set_size: int | None = None,
 ) -> Prediction:
     """Predict every sample of ``data``, writing ``output`` (``.csv``, or ``.gpkg`` for regions)
@@ -296,7 +296,8 @@ def predict(
     ``.html`` (:mod:`fusion.webmap`), a labelled manifest is scored. ``coverage`` (e.g. 0.9)
     adds conformal prediction sets calibrated on the places the model was not trained on
     (:mod:`fusion.conformal`);
-    ``flag_rate`` (the share of those places' tiles that would be flagged; None: no flags) and
+    ``flag_rate`` (the share of those places' tiles that would be flagged, e.g.
+    :data:`~fusion.ood.FLAG_RATE`, the command's default; None: no flags) and
     ``max_set_size`` mark predictions ``uncertain`` (:class:`Flags`)."""
     raster = data.regions()
     output = check_output(output, regions=raster is not None)
