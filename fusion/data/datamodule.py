@@ -9,7 +9,7 @@ fixed), class weights, the cached series windows and the loaders.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,19 +32,18 @@ from fusion.data.manifest import (
     resolve_image_root,
 )
 from fusion.data.samples import (
-    KEYS_PER_PASS,
     SeriesArrays,
     build_series_windows,
     common_length,
     label_indices,
     scan_tiles,
+    table_reader,
     window_starts,
 )
 from fusion.data.series import (
     KEY_COLUMN,
     MIN_PRESENT,
     TIME_COLUMN,
-    SeriesTable,
     feature_count,
 )
 from fusion.data.splits import group_folds, group_split, single_group_labels, stratified_split
@@ -339,11 +338,10 @@ class FusionDataModule(L.LightningDataModule):
             [hp.timezone, hp.log1p, hp.min_present],
         )
 
-        def read_table(keys: Collection[str], span: tuple[pd.Timestamp, pd.Timestamp]) -> Any:
-            return SeriesTable.read(
-                self.series_path, key_column=hp.key_column, time_column=hp.time_column,
-                value_columns=self.value_columns, timezone=hp.timezone, keys=keys, span=span,
-            )  # fmt: skip
+        read_table, keys_per_pass = table_reader(
+            self.series_path, key_column=hp.key_column, time_column=hp.time_column,
+            value_columns=self.value_columns, timezone=hp.timezone,
+        )  # fmt: skip
 
         def build(allocate: Allocate) -> None:
             hours = common_length(frame, self.key_column)
@@ -352,13 +350,10 @@ class FusionDataModule(L.LightningDataModule):
                 hours=hours, timezone=hp.timezone,
                 why=f"all rows must share one length (most rows have {hours})",
             )  # fmt: skip
-            # A CSV is parsed whole at each read: one pass (Parquet skips what a pass needs not).
-            csv = self.series_path.name.lower().endswith((".csv", ".csv.gz"))
             windows = build_series_windows(
                 frame[self.key_column].tolist(), starts, hours, read_table, allocate,
                 n_values=len(self.value_columns), key_column=self.key_column,
-                min_present=hp.min_present, log1p=hp.log1p,
-                keys_per_pass=None if csv else KEYS_PER_PASS,
+                min_present=hp.min_present, log1p=hp.log1p, keys_per_pass=keys_per_pass,
             )  # fmt: skip
             errors += windows.errors(self.manifest_path, frame[LINE].tolist())
             if errors:

@@ -21,7 +21,7 @@ pass, not the number of places.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from fusion.data.manifest import (
 )
 from fusion.data.mosaic import RegionRaster
 from fusion.data.samples import (
-    KEYS_PER_PASS,
     Sample,
     SeriesArrays,
     build_series_windows,
@@ -52,11 +51,12 @@ from fusion.data.samples import (
     check_dtype,
     label_indices,
     make_sample,
+    table_reader,
     tile_headers,
     tile_tensor,
     window_starts,
 )
-from fusion.data.series import SeriesTable, parse_start
+from fusion.data.series import parse_start
 from fusion.data.tiles import MIN_VALID, Tile, read_tile
 from fusion.errors import InputError, InputErrors
 
@@ -75,17 +75,14 @@ def _series_windows(
             "samples name series keys but no activity table was given (--series)", file=where
         )
 
-    def read_table(chosen: Collection[str], span: tuple[pd.Timestamp, pd.Timestamp]) -> Any:
-        return SeriesTable.read(
-            path, key_column=contract.key_column, time_column=contract.time_column,
-            value_columns=contract.value_columns, timezone=timezone, keys=chosen, span=span,
-        )  # fmt: skip
-
-    csv = path.name.lower().endswith((".csv", ".csv.gz"))
+    read_table, keys_per_pass = table_reader(
+        path, key_column=contract.key_column, time_column=contract.time_column,
+        value_columns=contract.value_columns, timezone=timezone,
+    )  # fmt: skip
     windows = build_series_windows(
         keys, starts, contract.hours, read_table, Scratch(), n_values=len(contract.value_columns),
         key_column=contract.key_column, min_present=contract.min_present, log1p=contract.log1p,
-        keys_per_pass=None if csv else KEYS_PER_PASS,
+        keys_per_pass=keys_per_pass,
     )  # fmt: skip
     if not windows.keys_found:
         shown = ", ".join(sorted({k for k in keys if k})[:5])

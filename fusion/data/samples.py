@@ -196,6 +196,24 @@ KEYS_PER_PASS = 2048  # keys whose rows of an activity table are read at once, s
 ReadTable = Callable[[Collection[str], tuple[pd.Timestamp, pd.Timestamp]], SeriesTable]
 
 
+def table_reader(
+    path: Path, *, key_column: str, time_column: str, value_columns: Sequence[str],
+    timezone: str | None,
+) -> tuple[ReadTable, int | None]:  # fmt: skip
+    """How :func:`build_series_windows` reads the activity table ``path``: a :data:`ReadTable`
+    keeping only the keys and span asked for, and the keys per pass (:data:`KEYS_PER_PASS`; a
+    CSV is parsed whole at each read, so it is read in one pass)."""
+
+    def read_table(keys: Collection[str], span: tuple[pd.Timestamp, pd.Timestamp]) -> SeriesTable:
+        return SeriesTable.read(
+            path, key_column=key_column, time_column=time_column,
+            value_columns=tuple(value_columns), timezone=timezone, keys=keys, span=span,
+        )  # fmt: skip
+
+    csv = path.name.lower().endswith((".csv", ".csv.gz"))
+    return read_table, None if csv else KEYS_PER_PASS
+
+
 @dataclass
 class SeriesWindows:
     """Every row's window (:attr:`arrays`) and why a row has none: :attr:`problems` (row ->

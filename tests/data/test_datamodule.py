@@ -11,8 +11,8 @@ import rasterio
 import torch
 from PIL import Image
 
-from fusion.data import datamodule as dm_module
 from fusion.data.datamodule import FusionDataModule
+from fusion.data.series import SeriesTable
 from fusion.errors import InputError, InputErrors
 
 
@@ -85,7 +85,7 @@ def test_series_windows_are_cached(
     def no_reading(*args, **kwargs):
         raise AssertionError("the series table was read again despite the cache")
 
-    monkeypatch.setattr(dm_module.SeriesTable, "read", no_reading)
+    monkeypatch.setattr(SeriesTable, "read", no_reading)
     again = FusionDataModule(
         manifest=str(shared_data / "paired" / "manifest.csv"),
         cache_dir=str(cache_dir),

@@ -159,7 +159,6 @@ def test_the_datamodule_builds_the_same_windows_from_any_layout_in_any_passes(
 
     reference = built(tables["csv"], "")  # one pass, in memory
     monkeypatch.setattr(samples_module, "KEYS_PER_PASS", 1)  # a pass per sensor
-    monkeypatch.setattr("fusion.data.datamodule.KEYS_PER_PASS", 1)
     for layout in ("by_month", "by_sensor"):
         dm = built(tables[layout], str(tmp_path / layout))
         assert isinstance(dm.series.values, np.memmap)  # on disk, read per sample
