@@ -67,6 +67,13 @@ def aps_sets(probs: np.ndarray, threshold: float, u: np.ndarray) -> np.ndarray:
     return sets
 
 
+def set_names(sets: np.ndarray, classes: Sequence[str]) -> list[str]:
+    """Each row's set ``(N, K)`` bool as its class names joined by ``|`` (the ``pred_set``
+    column)."""
+    names = np.asarray(classes)
+    return ["|".join(names[member]) for member in sets]
+
+
 def randomisation(n: int, seed: int = 0) -> np.ndarray:
     """The ``u (n,)`` of :func:`aps_scores` and :func:`aps_sets`, fixed by ``seed``, so a run's
     sets are reproducible."""

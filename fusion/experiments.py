@@ -505,14 +505,13 @@ def with_sets(
     """A run's held-out rows with ``pred_set`` and ``set_size`` at :data:`SET_COVERAGE`, from
     its calibrated probabilities and the conformal calibration of its inner val places (as
     ``fusion predict --coverage`` makes them); unchanged for a run without one."""
-    from fusion.conformal import ConformalCalibration
+    from fusion.conformal import ConformalCalibration, set_names
 
     if conformal is None:
         return part
     probs = part[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
     member = ConformalCalibration.from_dict(conformal).sets(probs, SET_COVERAGE)
-    names = np.array(classes)
-    return part.assign(pred_set=["|".join(names[m]) for m in member], set_size=member.sum(1))
+    return part.assign(pred_set=set_names(member, classes), set_size=member.sum(1))
 
 
 def set_coverage(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fusion.calibration import calibration_errors
-from fusion.conformal import aps_sets, randomisation
+from fusion.conformal import aps_sets, randomisation, set_names
 from fusion.data.contract import DataContract
 from fusion.data.prediction import PredictionDataModule
 from fusion.errors import InputError
@@ -175,7 +175,7 @@ class RowWriter(BasePredictionWriter):
             member = np.zeros(out["probs"].shape, dtype=bool)
             ok = out["pred"] >= 0
             member[ok] = aps_sets(out["probs"][ok], self.threshold, self.u[index][ok])
-            rows["pred_set"] = ["|".join(np.array(self.classes)[m]) for m in member]
+            rows["pred_set"] = set_names(member, self.classes)
             rows["set_size"] = self.set_size[index] = member.sum(axis=1)
         if self.flags is not None:
             self._flag(rows, out, index)
