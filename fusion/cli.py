@@ -365,6 +365,19 @@ def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--baseline", default="bilstm", help="series-only baseline (always run)")
     p.add_argument("--reference", default="vit", help="image-only model compared with (if run)")
+    p = sub.add_parser(
+        "calibrate",
+        help="recalibrate a checkpoint's prediction sets on a cross-validation's held-out rows",
+        description="Writes OUTPUT: CKPT with the conformal calibration (fusion.conformal) of "
+        "the out-of-fold rows of SETTING in OOF (oof_predictions.csv.gz of fusion compare, "
+        "every repeat; each place counting once) instead of its val places' own: more places "
+        "per class, so fusion predict --coverage covers closer to what it is asked. The "
+        "cross-validation should be of the checkpoint's config.",
+    )
+    p.add_argument("--ckpt_path", "--ckpt-path", required=True, type=Path)
+    p.add_argument("--oof", required=True, type=Path, help="oof_predictions.csv.gz")
+    p.add_argument("--setting", required=True, help="the setting's name in OOF, e.g. mbt_mid")
+    p.add_argument("--output", required=True, type=Path, help="the calibrated checkpoint")
     p = sub.add_parser("report", help="write the README's Results section from result folders")
     p.add_argument("--ablation", type=Path)
     p.add_argument("--compare", type=Path)
@@ -388,6 +401,13 @@ def _experiment(args: argparse.Namespace) -> int:
             reference=args.reference, overrides=overrides,
         )  # fmt: skip
         print((args.output / "summary.md").read_text())
+    elif args.command == "calibrate":
+        done = experiments.calibrate_checkpoint(args.ckpt_path, args.oof, args.setting, args.output)
+        thresholds = ", ".join(f"{t:.3f}" for t in done.thresholds(experiments.SET_COVERAGE))
+        print(
+            f"calibrated on {len(done.scores)} out-of-fold rows of {done.n_places} places "
+            f"(thresholds at {experiments.SET_COVERAGE:.0%}: {thresholds}); wrote {args.output}"
+        )
     else:
         experiments.write_readme_results(args.readme, args.ablation, args.compare)
         print(f"updated the Results section of {args.readme}")

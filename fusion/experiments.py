@@ -45,10 +45,13 @@ from fusion.calibration import (
     expected_calibration_error,
 )
 from fusion.configs import CONFIG_DIR, config_args, config_files
+from fusion.conformal import ConformalCalibration, coverage_table, set_names
+from fusion.errors import InputError
 from fusion.io import atomic_path
 from fusion.metrics import SCALARS, confusion_matrix, draw_confusion, macro_f1, scores
 from fusion.ood import FLAG_RATE, energy
 from fusion.plots import save_figure
+from fusion.predict import load_model, read_checkpoint
 from fusion.task import IMAGE_HEAD, VIEWS
 from fusion.training import build_cli, refit
 
@@ -300,6 +303,7 @@ def cross_validate(
     rows, parts = [], []
     for setting in settings:
         for repeat in range(repeats):
+            folded = []
             for fold in range(folds):
                 spec = RunSpec(
                     setting.configs, repeat, fold, folds, setting.overrides, setting.kind
@@ -309,7 +313,8 @@ def cross_validate(
                 rows.append({"setting": setting.name, **result})
                 part = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
                 part = with_sets(part, result.get("conformal"), result["classes"])
-                parts.append(part.assign(setting=setting.name, repeat=repeat))
+                folded.append(part.assign(setting=setting.name, repeat=repeat))
+            parts.extend(with_cross_fitted_sets(folded, result["classes"]))
     oof = pd.concat(parts, ignore_index=True)
     oof = oof[["setting", "repeat", *[c for c in oof.columns if c not in ("setting", "repeat")]]]
     check_oof(oof)
@@ -500,38 +505,108 @@ def summarize(results: pd.DataFrame, pooled: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_sets(
-    part: pd.DataFrame, conformal: dict[str, list] | None, classes: Sequence[str]
+    part: pd.DataFrame, conformal: dict[str, object] | None, classes: Sequence[str]
 ) -> pd.DataFrame:
     """A run's held-out rows with ``pred_set`` and ``set_size`` at :data:`SET_COVERAGE`, from
     its calibrated probabilities and the conformal calibration of its inner val places (as
-    ``fusion predict --coverage`` makes them); unchanged for a run without one."""
-    from fusion.conformal import ConformalCalibration, set_names
-
-    if conformal is None:
+    ``fusion predict --coverage`` makes them from ``fusion fit``'s checkpoint); unchanged for a
+    run without one."""
+    calibration = None if conformal is None else ConformalCalibration.from_dict(conformal)
+    if calibration is None:
         return part
-    probs = part[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
-    member = ConformalCalibration.from_dict(conformal).sets(probs, SET_COVERAGE)
+    member = calibration.sets(_probabilities(part, classes), SET_COVERAGE)
     return part.assign(pred_set=set_names(member, classes), set_size=member.sum(1))
+
+
+def oof_calibration(oof: pd.DataFrame, classes: Sequence[str]) -> ConformalCalibration:
+    """The :class:`~fusion.conformal.ConformalCalibration` of out-of-fold rows (``p_<class>``,
+    ``label``, ``group``): each row predicted by a model that never saw its place."""
+    labels = oof["label"].map({c: k for k, c in enumerate(classes)})
+    if labels.isna().any():
+        unknown = sorted(set(oof["label"][labels.isna()].astype(str)))
+        raise ValueError(f"out-of-fold labels {unknown} are not among the classes {classes}")
+    return ConformalCalibration.fit(
+        _probabilities(oof, classes), labels.to_numpy(), oof["group"].to_numpy(), seed=1
+    )
+
+
+def calibrate_checkpoint(
+    ckpt_path: Path, oof_path: Path, setting: str, output: Path
+) -> ConformalCalibration:
+    """Write ``output``: the checkpoint ``ckpt_path`` with the conformal calibration of the
+    out-of-fold rows of ``setting`` in ``oof_path`` (``oof_predictions.csv.gz`` of ``fusion
+    compare``; every repeat, each place counting once), in place of its val places' one. The
+    cross-validation should be of the checkpoint's own config: its models never saw the rows'
+    places, as the checkpoint's model will not have seen a user's."""
+    task, _ = load_model(ckpt_path)
+    oof = pd.read_csv(oof_path, keep_default_na=False)
+    missing = {"setting", "label", "group", *(f"p_{c}" for c in task.classes)} - set(oof)
+    if missing:
+        raise InputError(
+            f"missing column(s) {sorted(missing)} (the checkpoint's classes are "
+            f"{list(task.classes)})", file=oof_path,
+        )  # fmt: skip
+    part = oof[oof["setting"] == setting]
+    if part.empty:
+        raise InputError(
+            f"no rows of setting '{setting}' (settings: {sorted(set(oof['setting']))})",
+            file=oof_path,
+        )  # fmt: skip
+    try:
+        calibration = oof_calibration(part, task.classes)
+    except ValueError as err:
+        raise InputError(str(err), file=oof_path) from err
+    ckpt = read_checkpoint(ckpt_path)
+    ckpt["conformal"] = calibration.to_dict()
+    with atomic_path(output) as tmp:
+        torch.save(ckpt, tmp)
+    return calibration
+
+
+def with_cross_fitted_sets(
+    folded: Sequence[pd.DataFrame], classes: Sequence[str]
+) -> list[pd.DataFrame]:
+    """Each fold's held-out rows with ``pred_set_cv`` and ``set_size_cv``: sets at
+    :data:`SET_COVERAGE` calibrated on the other folds' held-out rows (cross-conformal: more
+    places than one fold's inner val quarter, and none of the fold's own rows), as ``fusion
+    calibrate`` calibrates a model on a whole cross-validation."""
+    if len(folded) < 2:
+        return list(folded)
+    out = []
+    for i, part in enumerate(folded):
+        others = pd.concat([p for j, p in enumerate(folded) if j != i], ignore_index=True)
+        member = oof_calibration(others, classes).sets(_probabilities(part, classes), SET_COVERAGE)
+        out.append(part.assign(pred_set_cv=set_names(member, classes), set_size_cv=member.sum(1)))
+    return out
+
+
+def _probabilities(part: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    return part[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
+
+
+SET_CALIBRATIONS = {"pred_set": "inner val places", "pred_set_cv": "other folds"}
 
 
 def set_coverage(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """Empirical coverage and mean size of the conformal sets (:data:`SET_COVERAGE`) on the
-    held-out folds, per setting, overall and per true class: mean and std over repeats of the
-    pooled out-of-fold rows. Settings without sets are left out."""
-    from fusion.conformal import coverage_table
-
+    held-out folds, per setting and calibration (:data:`SET_CALIBRATIONS`), overall and per
+    true class: mean and std over repeats of the pooled out-of-fold rows. Settings without sets
+    are left out."""
     records = []
+    names = np.array(classes)
     for (setting, repeat), part in oof.groupby(["setting", "repeat"], sort=False):
-        if part["pred_set"].isna().all():
-            continue
         labels = np.array([list(classes).index(c) for c in part["label"]])
-        names = np.array(classes)
-        member = np.array([np.isin(names, str(s).split("|")) for s in part["pred_set"]])
-        for row in coverage_table(member, labels, classes):
-            records.append({"setting": setting, "repeat": repeat, **row})
+        for column, calibration in SET_CALIBRATIONS.items():
+            if column not in part or part[column].isna().all():
+                continue
+            member = np.array([np.isin(names, str(s).split("|")) for s in part[column]])
+            for row in coverage_table(member, labels, classes):
+                records.append(
+                    {"setting": setting, "calibration": calibration, "repeat": repeat, **row}
+                )
     frame = pd.DataFrame(records).rename(columns={"class": "true_class"})
     return (
-        frame.groupby(["setting", "true_class"], sort=False)
+        frame.groupby(["setting", "calibration", "true_class"], sort=False)
         .agg(rows=("rows", "mean"), coverage=("coverage", "mean"),
              coverage_std=("coverage", "std"), mean_set_size=("mean_set_size", "mean"))
         .reset_index()
@@ -539,21 +614,22 @@ def set_coverage(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
 
 
 def coverage_markdown(table: pd.DataFrame) -> str:
-    """The :func:`set_coverage` table as markdown, a row per setting and class."""
+    """The :func:`set_coverage` table as markdown, a row per setting, calibration and class."""
     lines = [
         f"### Conformal prediction sets at {SET_COVERAGE:.0%} on the held-out places",
         "",
-        "APS sets (fusion.conformal), each fold's threshold from its inner val places (which "
-        "also fitted the heads' weights and temperature; saved in its result.json, so the sets "
-        "are recomputed from the held-out rows' probabilities), scored on the held-out fold; "
-        "mean ± std over repeats.",
+        "Class-conditional APS sets (fusion.conformal) of each held-out fold, scored on that "
+        "fold, calibrated on places its rows never chose: *inner val places*, the fold "
+        "model's inner val quarter (which also fitted the heads' weights and temperature; what "
+        "`fusion fit`'s checkpoint holds); *other folds*, the other folds' held-out rows "
+        "(cross-fitted; what `fusion calibrate` gives a model). Mean ± std over repeats.",
         "",
-        "| setting | true class | rows | coverage | mean set size |",
-        "|---|---|---:|---:|---:|",
+        "| setting | calibration | true class | rows | coverage | mean set size |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for row in table.itertuples(index=False):
         lines.append(
-            f"| {row.setting} | {row.true_class} | {row.rows:.0f} | "
+            f"| {row.setting} | {row.calibration} | {row.true_class} | {row.rows:.0f} | "
             f"{_pm(row.coverage, row.coverage_std)} | {row.mean_set_size:.2f} |"
         )
     return "\n".join(lines) + "\n"

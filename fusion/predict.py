@@ -36,13 +36,9 @@ from fusion.task import IMAGE_HEAD, VIEWS, FusionTask, probability_columns
 from fusion.webmap import write_web_map
 
 
-def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
-    """A trained :class:`FusionTask` (eval mode, CPU) and its input contract.
-
-    The file is loaded as data only (``weights_only``): a checkpoint holding pickled code is
-    refused unread. The ViT is built without its pretrained file, whose weights are in the
-    checkpoint.
-    """
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A fusion checkpoint's contents, loaded as data only (``weights_only``): a checkpoint
+    holding pickled code is refused unread; anything but a fusion checkpoint is named so."""
     path = Path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", file=path)
@@ -64,7 +60,16 @@ def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
         raise InputError(
             "not a fusion checkpoint (no data_info in its hyper_parameters)", file=path
         )
-    hparams = FusionTask.known_hparams(hparams)
+    return ckpt
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
+    """A trained :class:`FusionTask` (eval mode, CPU) and its input contract, from
+    :func:`read_checkpoint`. The ViT is built without its pretrained file, whose weights are
+    in the checkpoint."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    hparams = FusionTask.known_hparams(ckpt["hyper_parameters"])
     hparams["net"] = {**(hparams.get("net") or {}), "vit_weights": None}
     try:
         contract = DataContract.from_dict(
@@ -117,9 +122,9 @@ class RowWriter(BasePredictionWriter):
     ``p_series_<class>`` (the model with the other view removed; empty without that view);
     ``has_image``, ``has_series`` (the views used), ``valid_share`` (share of the place's pixels
     with data), ``status`` (``image+series`` / ``image only`` / ``series only`` / ``skipped``)
-    and ``note`` (why a view is missing). Skipped rows have no prediction. With a ``threshold``
-    (:meth:`~fusion.conformal.ConformalCalibration.threshold`): ``pred_set`` (the classes of the
-    conformal prediction set, ``|``-separated) and ``set_size``. With ``flags``
+    and ``note`` (why a view is missing). Skipped rows have no prediction. With ``thresholds``
+    (``(K,)``, :meth:`~fusion.conformal.ConformalCalibration.thresholds`): ``pred_set`` (the
+    classes of the conformal prediction set, ``|``-separated) and ``set_size``. With ``flags``
     (:class:`Flags`): ``image_energy`` (:mod:`fusion.ood`), and ``status`` ``uncertain`` (the
     label still written, the reason in ``note``) for a tile less familiar than the threshold
     or a set larger than ``max_set_size``.
@@ -132,12 +137,12 @@ class RowWriter(BasePredictionWriter):
         classes: tuple[str, ...],
         geometry: gpd.GeoSeries | None = None,
         chunk: int = 4096,
-        threshold: float | None = None,
+        thresholds: np.ndarray | None = None,
         flags: Flags | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.tmp, self.described, self.classes = tmp, described, classes
-        self.geometry, self.chunk, self.threshold = geometry, chunk, threshold
+        self.geometry, self.chunk, self.thresholds = geometry, chunk, thresholds
         self.flags = flags
         n = len(described)
         self.u = randomisation(n)  # each row's APS randomisation, fixed by its position
@@ -171,10 +176,10 @@ class RowWriter(BasePredictionWriter):
         rows["has_image"], rows["has_series"] = out["has_image"], out["has_series"]
         rows["valid_share"] = batch["valid_share"].cpu().numpy()
         rows["status"], rows["note"] = self.status[index], list(batch["note"])
-        if self.threshold is not None:
+        if self.thresholds is not None:
             member = np.zeros(out["probs"].shape, dtype=bool)
             ok = out["pred"] >= 0
-            member[ok] = aps_sets(out["probs"][ok], self.threshold, self.u[index][ok])
+            member[ok] = aps_sets(out["probs"][ok], self.thresholds, self.u[index][ok])
             rows["pred_set"] = set_names(member, self.classes)
             rows["set_size"] = self.set_size[index] = member.sum(axis=1)
         if self.flags is not None:
@@ -196,7 +201,7 @@ class RowWriter(BasePredictionWriter):
                 notes[i].append(f"image unlike the training tiles (energy {score[i]:.2f} > "
                                 f"{flags.energy:.2f})")  # fmt: skip
             uncertain |= far
-        if self.threshold is not None and flags.max_set_size is not None:
+        if self.thresholds is not None and flags.max_set_size is not None:
             large = rows["set_size"].to_numpy() > flags.max_set_size
             for i in np.flatnonzero(large):
                 notes[i].append(f"{rows['set_size'].iloc[i]} classes in the prediction set")
@@ -301,20 +306,21 @@ def predict(
     ``max_set_size`` mark predictions ``uncertain`` (:class:`Flags`)."""
     raster = data.regions()
     output = check_output(output, regions=raster is not None)
-    threshold = None
+    thresholds = None
     if coverage is not None:
         if task.conformal is None:
             raise InputError(
-                "this model has no conformal calibration (trained before prediction sets "
-                "existed, or without val places): retrain it, or leave out --coverage",
+                "this model has no conformal calibration (trained before class-conditional "
+                "prediction sets, or without val places): calibrate it (fusion calibrate), "
+                "retrain it, or leave out --coverage",
                 field="coverage",
             )
-        threshold = task.conformal.threshold(coverage)
+        thresholds = task.conformal.thresholds(coverage)
     geometry = raster.frame.geometry if output.suffix.lower() == ".gpkg" else None
     classes = tuple(task.classes)
     with atomic_path(output) as tmp:
         writer = RowWriter(
-            tmp, data.describe(), classes, geometry, threshold=threshold,
+            tmp, data.describe(), classes, geometry, thresholds=thresholds,
             flags=_flags(task, flag_rate, max_set_size),
         )  # fmt: skip
         trainer = L.Trainer(

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fusion import experiments
 from fusion.cli import main
@@ -59,6 +60,15 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
     assert all(p in s.split("|") for p, s in zip(sets["pred"], sets["pred_set"], strict=True))
     assert (sets["set_size"] == sets["pred_set"].str.count(r"\|") + 1).all()
     assert oof.loc[oof["setting"] == "linear_probe", "pred_set"].isna().all()
+    # Cross-fitted sets (every setting): each fold's from the other folds' held-out rows only.
+    classes = sorted(manifest["label"].unique())
+    assert oof["set_size_cv"].ge(1).all()
+    probe = oof[(oof["setting"] == "linear_probe") & (oof["repeat"] == 1)]
+    held = probe["fold"] == 0
+    member = experiments.oof_calibration(probe[~held], classes).sets(
+        probe.loc[held, [f"p_{c}" for c in classes]].to_numpy(), 0.9
+    )
+    assert probe.loc[held, "set_size_cv"].tolist() == member.sum(axis=1).tolist()
     # A new repeat deals the places into other folds.
     folds = oof[oof["setting"] == "vit"].pivot(index="row", columns="repeat", values="fold")
     assert (folds[0] != folds[1]).any()
@@ -75,11 +85,13 @@ def test_compare_predicts_every_row_once_per_repeat_from_unseen_places(
     flags = experiments.flag_table(oof)
     assert set(flags.index) == {"vit", "concat"}  # every trained model has an image head
     assert ((flags["flagged"] >= 0) & (flags["flagged"] <= 1)).all()
-    table = experiments.set_coverage(oof, sorted(manifest["label"].unique()))
-    concat_all = table[(table["setting"] == "concat") & (table["true_class"] == "all")]
+    table = experiments.set_coverage(oof, classes)
+    inner = table["calibration"] == "inner val places"
+    concat_all = table[inner & (table["setting"] == "concat") & (table["true_class"] == "all")]
     hit = [p in s.split("|") for p, s in zip(sets["label"], sets["pred_set"], strict=True)]
     assert concat_all["coverage"].item() == pytest.approx(np.mean(hit))  # equal repeat sizes
-    assert f"| concat | all | {len(sets) / 2:.0f} | " in summary
+    assert f"| concat | inner val places | all | {len(sets) / 2:.0f} | " in summary
+    assert f"| linear_probe | other folds | all | {len(sets) / 2:.0f} | " in summary
     for image in ("compare.png", "confusion.png"):
         assert (out / image).stat().st_size > 10_000
 
@@ -131,3 +143,39 @@ def test_cluster_bootstrap_resamples_places_not_rows() -> None:
     assert by_place[1] < by_place[0] < by_place[2] <= 0
     # A model equal to its reference differs by exactly 0 in every resample.
     assert cluster_bootstrap(labels, places, [labels], [labels], 2, n_boot=50) == (0.0, 0.0, 0.0)
+
+
+def test_calibrate_puts_a_cross_validation_s_sets_in_a_checkpoint(
+    trained_run, small_manifest, tmp_path
+) -> None:
+    from fusion.predict import load_model, read_checkpoint
+
+    task, _ = load_model(trained_run.ckpt)
+    classes = list(task.classes)
+    rng = np.random.default_rng(0)
+    manifest = pd.read_csv(small_manifest)
+    probs = rng.dirichlet(np.ones(len(classes)), size=len(manifest))
+    oof = pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])
+    oof["label"], oof["group"] = manifest["label"], manifest["sensor_id"]
+    oof["setting"] = "mine"
+    other = oof.assign(setting="other", label=classes[0])  # a setting that must be left out
+    path = tmp_path / "oof.csv.gz"
+    pd.concat([oof, other]).to_csv(path, index=False)
+    out = tmp_path / "calibrated.ckpt"
+    argv = ["calibrate", "--ckpt_path", str(trained_run.ckpt), "--oof", str(path)]
+    assert main([*argv, "--setting", "mine", "--output", str(out)]) == 0
+    calibrated, _ = load_model(out)
+    expected = experiments.oof_calibration(oof, classes)
+    assert calibrated.conformal.n_places == manifest["sensor_id"].nunique()
+    np.testing.assert_array_equal(calibrated.conformal.thresholds(0.9), expected.thresholds(0.9))
+    assert not np.array_equal(  # the val places' calibration is replaced, not kept
+        calibrated.conformal.thresholds(0.9), task.conformal.thresholds(0.9)
+    )
+    before, after = read_checkpoint(trained_run.ckpt), read_checkpoint(out)
+    assert before["state_dict"].keys() == after["state_dict"].keys()
+    assert all(torch.equal(v, after["state_dict"][k]) for k, v in before["state_dict"].items())
+    # A setting not in the file, or a label not among the model's classes: nothing written.
+    assert main([*argv, "--setting", "nope", "--output", str(tmp_path / "a.ckpt")]) == 2
+    oof.assign(label="airport").to_csv(path, index=False)
+    assert main([*argv, "--setting", "mine", "--output", str(tmp_path / "b.ckpt")]) == 2
+    assert not (tmp_path / "a.ckpt").exists() and not (tmp_path / "b.ckpt").exists()

@@ -412,7 +412,7 @@ def test_coverage_adds_conformal_sets_and_they_survive_a_checkpoint(
     task.on_save_checkpoint(checkpoint)
     restored, _ = load_model(trained_run.ckpt)
     restored.on_load_checkpoint({**checkpoint, "state_dict": {}})
-    assert restored.conformal.threshold(0.9) == task.conformal.threshold(0.9)
+    assert (restored.conformal.thresholds(0.9) == task.conformal.thresholds(0.9)).all()
     predict(restored, PredictionDataModule(samples), tmp_path / "sets.csv", coverage=0.9)
     sets = pd.read_csv(tmp_path / "sets.csv")
     assert (sets["pred"] == frame["pred"]).all() and (sets["set_size"] >= 1).all()
