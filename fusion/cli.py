@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from fusion.data.tiles import MIN_VALID
 from fusion.data.urfc import REGULAR_DAYS
 from fusion.errors import InputError, InputErrors
 from fusion.ood import FLAG_RATE
+from fusion.speed import PRESETS, Speed
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -128,6 +130,16 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="with --coverage: mark a prediction uncertain when its set holds more classes",
     )
+    fast = p.add_argument_group("speed of the frozen ViT (fusion.speed; the model is unchanged)")
+    fast.add_argument(
+        "--speed", choices=sorted(PRESETS), default="exact",
+        help="exact (default): the model as trained; fast: the preset measured by fusion bench "
+        f"--parts speed ({PRESETS['fast'].name}); the options below add to the preset",
+    )  # fmt: skip
+    fast.add_argument("--merge", type=int, help="ToMe: tokens merged per ViT block (0 = off)")
+    fast.add_argument("--int8", action="store_true", help="int8 ViT linear layers (CPU)")
+    fast.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    fast.add_argument("--compile", action="store_true", help="torch.compile the frozen ViT")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -140,8 +152,19 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _speed(args: argparse.Namespace) -> Speed:
+    """The ``--speed`` preset with ``--merge``, ``--int8``, ``--bf16``, ``--compile`` on top."""
+    speed = PRESETS[args.speed]
+    return dataclasses.replace(
+        speed,
+        merge=speed.merge if args.merge is None else args.merge,
+        int8=speed.int8 or args.int8,
+        bf16=speed.bf16 or args.bf16,
+        compile=speed.compile or args.compile,
+    )
+
+
 def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import dataclasses
     import os
 
     # GDAL keeps decoded raster blocks up to 5% of the RAM by default: across a city-wide raster
@@ -179,7 +202,7 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     data = PredictionDataModule(samples, batch_size=args.batch_size, num_workers=args.num_workers)
     result = predict(
         task, data, args.output, device=args.device, coverage=args.coverage,
-        flag_rate=args.flag_rate, max_set_size=args.max_set_size,
+        flag_rate=args.flag_rate, max_set_size=args.max_set_size, speed=_speed(args),
     )  # fmt: skip
     if args.format == "urfc":
         from fusion.data.urfc import urfc_submission

@@ -32,6 +32,7 @@ from fusion.io import atomic_path, check_replaceable
 from fusion.maps import UNCERTAIN_STATUS, plot_prediction_map
 from fusion.metrics import confusion_matrix, scores
 from fusion.ood import energy
+from fusion.speed import EXACT, Speed, apply_speed
 from fusion.task import IMAGE_HEAD, VIEWS, FusionTask, probability_columns
 from fusion.webmap import write_web_map
 
@@ -295,6 +296,7 @@ def predict(
     coverage: float | None = None,
     flag_rate: float | None = None,
     max_set_size: int | None = None,
+    speed: Speed = EXACT,
 ) -> Prediction:
     """Predict every sample of ``data``, writing ``output`` (``.csv``, or ``.gpkg`` for regions)
     only once all are done (rows: :class:`RowWriter`); a regions run also draws ``.png`` and
@@ -303,9 +305,15 @@ def predict(
     (:mod:`fusion.conformal`);
     ``flag_rate`` (the share of those places' tiles that would be flagged, e.g.
     :data:`~fusion.ood.FLAG_RATE`, the command's default; None: no flags) and
-    ``max_set_size`` mark predictions ``uncertain`` (:class:`Flags`)."""
+    ``max_set_size`` mark predictions ``uncertain`` (:class:`Flags`). ``speed`` sets how the
+    frozen ViT runs (:mod:`fusion.speed`; applied to ``task`` in place)."""
     raster = data.regions()
     output = check_output(output, regions=raster is not None)
+    accelerator = _accelerator(device)
+    try:
+        apply_speed(task.net, speed, accelerator["accelerator"])
+    except ValueError as err:
+        raise InputError(str(err), field="speed") from err
     thresholds = None
     if coverage is not None:
         if task.conformal is None:
@@ -324,8 +332,8 @@ def predict(
             flags=_flags(task, flag_rate, max_set_size),
         )  # fmt: skip
         trainer = L.Trainer(
-            **_accelerator(device), logger=False, enable_checkpointing=False,
-            enable_model_summary=False, callbacks=[writer],
+            **accelerator, precision=speed.precision, logger=False,
+            enable_checkpointing=False, enable_model_summary=False, callbacks=[writer],
         )  # fmt: skip
         trainer.predict(task, datamodule=data, return_predictions=False)
     result = Prediction(output=output, pred=writer.pred, status=writer.status.astype(str))

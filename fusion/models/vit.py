@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fusion.models.tome import merged_tokens
+
 VIT_NAME = "vit_small_patch14_dinov2"  # the default backbone: DINOv2 ViT-S/14
 Freeze = Literal["all", "none"] | int
 # Parameters after the last block (trained with the full rate and not frozen by ``freeze=k``).
@@ -83,6 +85,9 @@ class ViTEncoder(nn.Module):
         self.grid = tuple(self.backbone.patch_embed.grid_size)
         self.token_grid = token_grid
         self.freeze = freeze
+        # Tokens merged per frozen block at inference (ToMe, fusion.models.tome; 0 = off): an
+        # option of prediction, not of the trained model, so never saved.
+        self.merge = 0
         self._apply_freeze()
 
     @property
@@ -139,8 +144,12 @@ class ViTEncoder(nn.Module):
         """``(B, C, S, S)`` → the backbone's tokens where they are pooled to the grid, ``(B, P +
         H*W, D)`` (``P`` prefix tokens, an ``H x W`` patch grid): after block ``k``
         (``freeze=k``), else the final ones. What :meth:`pool_tokens` reads; a saliency map
-        differentiates through it from here on."""
+        differentiates through it from here on. With ``merge`` (ToMe), the merged tokens given
+        back on the full grid."""
         backbone = self.backbone
+        if self.merge and self.freeze != "none":
+            blocks = len(backbone.blocks) if self.freeze == "all" else int(self.freeze)
+            return merged_tokens(backbone, images, self.merge, blocks)
         if self.freeze in ("all", "none"):
             return backbone.forward_features(images)
         x = backbone.norm_pre(
