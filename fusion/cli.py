@@ -29,7 +29,7 @@ from fusion.data.tiles import MIN_VALID
 from fusion.data.urfc import REGULAR_DAYS
 from fusion.errors import InputError, InputErrors
 from fusion.ood import FLAG_RATE
-from fusion.speed import PRESETS, Speed
+from fusion.speed import MEASURED, PRESETS, Speed
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -302,17 +302,27 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="real counts the large table is built from")  # fmt: skip
     p.add_argument("--series-rows", type=int, default=10_000_000,
                    help="rows of the generated activity table (0: skip)")  # fmt: skip
-    p.add_argument("--parts", nargs="+", choices=["models", "data", "urfc"],
+    p.add_argument("--parts", nargs="+", choices=["models", "data", "urfc", "speed"],
                    default=["models", "data"],
                    help="what to measure: the variants, the data pipeline, URFC at city scale "
-                   "(generated regions: conversion, windows on disk, training; long)")  # fmt: skip
+                   "(generated regions: conversion, windows on disk, training; long), the "
+                   "prediction speed options against held-out macro-F1 (trains a model per "
+                   "fold once, in --work; long)")  # fmt: skip
+    p.add_argument("--speed-config", default="mbt_mid",
+                   help="speed: the variant whose fold models are measured")  # fmt: skip
+    p.add_argument("--speed-settings", nargs="+", default=list(MEASURED),
+                   help="speed: settings (exact, fast, or options joined by +: tome16+int8, "
+                   "bf16, compile)")  # fmt: skip
+    p.add_argument("--speed-rows", type=int, default=128,
+                   help="speed: held-out rows timed per call")  # fmt: skip
     p.add_argument("--urfc-regions", type=int, nargs="+", default=[10_000, 100_000],
                    help="sizes of the generated URFC sets")  # fmt: skip
     p.add_argument(
         "--work",
         type=Path,
         default=None,
-        help="folder for the generated URFC data (default: a temporary folder)",
+        help="folder for the generated URFC data (default: a temporary folder) and the speed "
+        "part's fold models (default: runs/bench_speed)",
     )
 
 
@@ -320,6 +330,16 @@ def _bench(args: argparse.Namespace) -> int:
     from fusion.bench.data import run_data_bench
     from fusion.bench.models import BenchSettings, run_bench
 
+    if "speed" in args.parts:
+        from fusion.bench.speed import run_speed_bench
+        from fusion.configs import config_files
+
+        run_speed_bench(
+            args.output, config_files(args.speed_config), Path(args.series),
+            args.work or Path("runs/bench_speed"), settings=args.speed_settings,
+            rows=args.speed_rows, device=args.device, threads=args.threads or None,
+        )  # fmt: skip
+        print((args.output / "speed.md").read_text())
     if "urfc" in args.parts:
         from fusion.bench.urfc import run_urfc_bench
 

@@ -52,6 +52,24 @@ class Speed:
 
 EXACT = Speed()
 PRESETS = {"exact": EXACT, "fast": Speed(merge=16, int8=True)}
+# What fusion bench --parts speed measures by default.
+MEASURED = ("exact", "int8", "bf16", "tome8", "tome16", "tome16+int8", "tome24+int8")
+
+
+def parse_speed(name: str) -> Speed:
+    """A setting's name (``exact``, ``fast``, or options joined by ``+``: ``tome16+int8``,
+    ``bf16``, ``compile``) as a :class:`Speed`."""
+    if name in PRESETS:
+        return PRESETS[name]
+    merge, flags = 0, set()
+    for part in name.split("+"):
+        if part.startswith("tome") and part[4:].isdigit():
+            merge = int(part[4:])
+        elif part in ("int8", "bf16", "compile"):
+            flags.add(part)
+        else:
+            raise ValueError(f"unknown speed setting '{part}' in '{name}'")
+    return Speed(merge=merge, **{flag: True for flag in flags})
 
 
 def apply_speed(net: nn.Module, speed: Speed, device: str) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from fusion.cli import main
 from fusion.predict import load_model
-from fusion.speed import EXACT, PRESETS, Speed, apply_speed
+from fusion.speed import EXACT, PRESETS, Speed, apply_speed, parse_speed
 
 
 def test_names_and_precision() -> None:
@@ -68,3 +68,11 @@ def test_predict_with_each_option(
             assert 0 < gap < 0.3 and (other["pred"] == exact["pred"]).mean() >= 0.85, name
         else:  # merging in a 4 x 4-patch test tile removes most of it: only changed
             assert gap > 0, name
+
+
+def test_parse_speed() -> None:
+    assert parse_speed("exact") == EXACT and parse_speed("fast") == PRESETS["fast"]
+    assert parse_speed("tome16+int8") == Speed(merge=16, int8=True)
+    assert parse_speed("bf16+compile") == Speed(bf16=True, compile=True)
+    with pytest.raises(ValueError, match="'fp4'"):
+        parse_speed("tome8+fp4")

@@ -1,0 +1,37 @@
+"""``fusion bench --parts speed`` on a slice of the real benchmark: fold models trained once,
+every setting scored on the same held-out rows and timed through the predict path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fusion.bench.speed import fold_models, run_speed_bench
+from fusion.configs import config_files
+
+
+def test_speed_bench_end_to_end(places_manifest, shared_data, vit_weights, tmp_path) -> None:
+    series = shared_data / "footfall" / "counts.csv.gz"
+    overrides = [
+        "--data.manifest", str(places_manifest), "--data.series", str(series),
+        "--data.image_size", "56", "--data.cache_dir", str(tmp_path / "cache"),
+        "--model.net.vit_weights", str(vit_weights), "--model.net.token_grid", "2",
+        "--trainer.max_epochs", "1",
+    ]  # fmt: skip
+    work, out = tmp_path / "work", tmp_path / "out"
+    frame = run_speed_bench(
+        out, config_files("vit"), series, work, settings=["int8", "tome2"], folds=2, rows=8,
+        rounds=1, overrides=overrides,
+    )  # fmt: skip
+    assert frame["setting"].tolist() == ["timm_vit", "exact", "int8", "tome2"]
+    assert (frame["samples_per_s"] > 0).all()
+    exact = frame.set_index("setting").loc["exact"]
+    assert exact["x_exact"] == 1 and exact["macro_f1_points"] == 0
+    # Every held-out row of both folds scored once, each fold by the model that never saw it.
+    held = [pd.read_csv(m.held_out) for m in fold_models(config_files("vit"), 2, work)]
+    assert exact["rows"] == sum(len(h) for h in held) and 0 < exact["macro_f1"] <= 1
+    assert not set(held[0]["sensor_id"]) & set(held[1]["sensor_id"])
+    assert np.isfinite(frame["macro_f1"].iloc[1:]).all()
+    assert (out / "speed.png").stat().st_size > 10_000
+    text = (out / "speed.md").read_text()
+    assert "| tome2 |" in text and "bare timm ViT" in text
