@@ -49,7 +49,7 @@ from fusion.conformal import ConformalCalibration, coverage_table, set_names
 from fusion.errors import InputError
 from fusion.io import atomic_path
 from fusion.metrics import SCALARS, confusion_matrix, draw_confusion, macro_f1, scores
-from fusion.ood import FLAG_RATE, energy
+from fusion.ood import FLAG_RATE, unfamiliar
 from fusion.plots import save_figure
 from fusion.predict import load_model, read_checkpoint
 from fusion.task import IMAGE_HEAD, VIEWS
@@ -191,8 +191,8 @@ def _test_outputs(trainer: Any, task: Any, dm: Any) -> tuple[pd.DataFrame, torch
     )
     if task.ood is not None:  # the image expert's energy, thresholded on the inner val places
         head = task.net.head_names.index(IMAGE_HEAD)
-        frame["image_energy"] = energy(out["heads"][:, head].numpy())
-        frame["flagged"] = frame["image_energy"] > task.ood.threshold(FLAG_RATE)
+        threshold = task.ood.threshold(FLAG_RATE)
+        frame["image_energy"], frame["flagged"] = unfamiliar(out["heads"].numpy(), head, threshold)
     return frame, out["logits"], seconds
 
 

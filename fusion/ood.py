@@ -29,6 +29,16 @@ def energy(logits: np.ndarray) -> np.ndarray:
     return -(top + np.log(np.exp(z - top[:, None]).sum(axis=-1)))
 
 
+def unfamiliar(
+    heads: np.ndarray, image_head: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image expert's energy ``(B,)`` from every head's logits ``heads (B, H, K)`` and
+    whether it is above ``threshold`` (:meth:`OodCalibration.threshold`): a tile unlike the
+    training tiles. The one rule of ``fusion predict``'s flags and the experiments' counts."""
+    score = energy(heads[:, image_head])
+    return score, score > threshold
+
+
 @dataclass(frozen=True)
 class OodCalibration:
     """Image-expert energies of held-out rows and the place of each (saved in checkpoints)."""

@@ -31,7 +31,7 @@ from fusion.errors import InputError
 from fusion.io import atomic_path, check_replaceable
 from fusion.maps import UNCERTAIN_STATUS, plot_prediction_map
 from fusion.metrics import confusion_matrix, scores
-from fusion.ood import energy
+from fusion.ood import unfamiliar
 from fusion.speed import EXACT, Speed, apply_speed
 from fusion.task import IMAGE_HEAD, VIEWS, FusionTask, probability_columns
 from fusion.webmap import write_web_map
@@ -195,9 +195,9 @@ class RowWriter(BasePredictionWriter):
         uncertain = np.zeros(len(rows), dtype=bool)
         if flags.image_head is not None:
             has_tile = out["has_image"] & (out["pred"] >= 0)
-            score = energy(out["heads"][:, flags.image_head])
+            score, far = unfamiliar(out["heads"], flags.image_head, flags.energy)
             rows["image_energy"] = np.where(has_tile, score, np.nan)
-            far = has_tile & (score > flags.energy)
+            far &= has_tile
             for i in np.flatnonzero(far):
                 notes[i].append(f"image unlike the training tiles (energy {score[i]:.2f} > "
                                 f"{flags.energy:.2f})")  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusion.ood import OodCalibration, energy
+from fusion.ood import OodCalibration, energy, unfamiliar
 
 
 def test_energy_by_hand() -> None:
@@ -27,3 +27,12 @@ def test_threshold_flags_the_share_of_held_out_places() -> None:
     assert per_place.mean() == pytest.approx(0.1, abs=0.03)
     again = OodCalibration.from_dict(calibration.to_dict())
     assert again.threshold(0.1) == threshold and again.threshold(0.01) > threshold
+
+
+def test_unfamiliar_reads_the_image_head_only() -> None:
+    heads = np.zeros((2, 2, 3))
+    heads[0, 1] = [8.0, 0.0, 0.0]  # image head (1): a confident tile, low energy
+    heads[1, 0] = [8.0, 0.0, 0.0]  # only the other head is confident
+    score, flagged = unfamiliar(heads, image_head=1, threshold=-5.0)
+    np.testing.assert_allclose(score, energy(heads[:, 1]))
+    assert flagged.tolist() == [False, True]
