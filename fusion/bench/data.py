@@ -11,15 +11,14 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from fusion.bench.timing import in_fresh_process, max_rss_mib
 from fusion.data.datamodule import FusionDataModule
 from fusion.data.series import KEY_COLUMN, SeriesTable
 from fusion.io import atomic_path
@@ -44,22 +43,16 @@ def repeat_table(
     return written
 
 
-def _read(path: str, key: str, queue: mp.Queue) -> None:
+def _read(path: str, key: str) -> dict[str, float]:
     start = time.perf_counter()
     table = SeriesTable.read(path, key_column=key)
     seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"rows": table.n_rows, "seconds": seconds, "peak_mib": peak_mib})
+    return {"rows": table.n_rows, "seconds": seconds, "peak_mib": max_rss_mib()}
 
 
 def measure_read(path: str | os.PathLike[str], key: str = KEY_COLUMN) -> dict[str, float]:
     """Read ``path`` in a fresh process: rows, seconds, rows/s, peak RSS and file size (MiB)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_read, args=(str(path), key, queue))
-    process.start()
-    result = queue.get()
-    process.join()
+    result = in_fresh_process(_read, str(path), key)
     result["rows_per_s"] = result["rows"] / result["seconds"]
     result["file_mib"] = Path(path).stat().st_size / 2**20
     return result

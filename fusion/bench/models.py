@@ -45,9 +45,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -75,7 +73,14 @@ from fusion.bench.build import (
     variants,
 )
 from fusion.bench.scaling import run_scaling
-from fusion.bench.timing import count_flops, spread, sync, time_calls, torch_threads
+from fusion.bench.timing import (
+    count_flops,
+    max_rss_mib,
+    spread,
+    sync,
+    time_calls,
+    torch_threads,
+)
 from fusion.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -126,17 +131,10 @@ def make_case(name: str, settings: BenchSettings, batch: Batch) -> Case:
 # ---------------------------------------------------------------------------------- measuring
 
 
-def _max_rss_mib() -> float:
-    """This process's peak resident set size so far, MiB (``ru_maxrss``: KiB on Linux, bytes on
-    macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def _peak_memory_child(name: str, settings: BenchSettings, threads: int) -> float:
     """In a fresh child: build ``name``, run one training step, return the peak memory in MiB."""
     torch.set_num_threads(threads)
-    before = _max_rss_mib()
+    before = max_rss_mib()
     batch = make_batch(settings.batch_size, settings.image_size, settings.hours, settings.device)
     # Weight values do not change the memory; random ones spare reading the weights file.
     case = make_case(name, replace(settings, weights=None), batch)
@@ -144,7 +142,7 @@ def _peak_memory_child(name: str, settings: BenchSettings, threads: int) -> floa
     sync(settings.device)
     if torch.device(settings.device).type == "cuda":
         return torch.cuda.max_memory_allocated(settings.device) / 2**20
-    return _max_rss_mib() - before
+    return max_rss_mib() - before
 
 
 def memory_context() -> BaseContext:

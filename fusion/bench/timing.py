@@ -1,4 +1,5 @@
-"""How the benchmarks measure: wall-clock timing of interleaved calls, torch threads, FLOPs.
+"""How the benchmarks measure: wall-clock timing of interleaved calls, torch threads, FLOPs, and
+peak memory (of a block, or of a call in a fresh process whose peak is its own).
 
 Timings are medians over repeated calls after untimed warm-up ones, the calls interleaved round
 by round, so that a burst of load from another process slows every call alike instead of one.
@@ -9,10 +10,15 @@ direction).
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import resource
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -117,3 +123,63 @@ def count_flops(model: nn.Module, forward: Callable[[], object]) -> int:
         flops for name, flops in seen.items() if not sum(counts.get(f"{root}.{name}", {}).values())
     )
     return int(counter.get_total_flops()) + extra
+
+
+def max_rss_mib() -> float:
+    """This process's peak resident set size so far, MiB (``ru_maxrss``: KiB on Linux, bytes on
+    macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _status_kib(field: str) -> int:
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def memory_peaks() -> Iterator[dict[str, float]]:
+    """Peak RSS (``ru_maxrss``) and peak anonymous RSS (``RssAnon``, sampled every 20 ms; 0
+    where ``/proc`` has none) of this process while the block runs, MiB, filled in on exit."""
+    peaks: dict[str, float] = {}
+    anon = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            anon[0] = max(anon[0], _status_kib("RssAnon"))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        done.set()
+        thread.join()
+        anon[0] = max(anon[0], _status_kib("RssAnon"))
+        peaks["peak_rss_mib"] = max_rss_mib()
+        peaks["peak_anon_mib"] = anon[0] / 1024
+
+
+def _child(fn: Callable[..., dict[str, Any]], args: tuple, queue: mp.Queue) -> None:
+    try:
+        queue.put(fn(*args))
+    except BaseException as error:  # the parent reports it
+        queue.put({"error": repr(error)})
+
+
+def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` (a module-level function returning a dict) in a new, spawned process, so
+    that its peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_child, args=(fn, args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    if "error" in result:
+        raise RuntimeError(f"{fn.__name__} failed: {result['error']}")
+    return result

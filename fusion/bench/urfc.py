@@ -27,10 +27,7 @@ import multiprocessing as mp
 import resource
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from fusion.bench.timing import in_fresh_process, memory_peaks
 from fusion.configs import CHECKOUT_CONFIGS
 from fusion.data.urfc import URFC_CATEGORIES, URFC_FIRST_DAY, URFC_WEEKS
 
@@ -119,57 +117,6 @@ def generate_urfc(
 
 
 # ------------------------------------------------------------------------------------ measuring
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-@contextmanager
-def memory_peaks() -> Iterator[dict[str, float]]:
-    """Peak RSS (``ru_maxrss``) and peak anonymous RSS (``RssAnon``, sampled every 20 ms) of this
-    process while the block runs, MiB, filled in on exit."""
-    peaks: dict[str, float] = {}
-    anon = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            anon[0] = max(anon[0], _status_kib("RssAnon"))
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield peaks
-    finally:
-        done.set()
-        thread.join()
-        anon[0] = max(anon[0], _status_kib("RssAnon"))
-        peaks["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peaks["peak_anon_mib"] = anon[0] / 1024
-
-
-def _child(fn: Callable[..., dict[str, Any]], args: tuple, queue: mp.Queue) -> None:
-    try:
-        queue.put(fn(*args))
-    except BaseException as error:  # the parent reports it
-        queue.put({"error": repr(error)})
-
-
-def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """``fn(*args)`` in a new (spawned) process, so that its peak memory is its own."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(fn, args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    if "error" in result:
-        raise RuntimeError(f"{fn.__name__} failed: {result['error']}")
-    return result
 
 
 def measure_conversion(root: Path, output: Path, workers: int = 2) -> dict[str, Any]:
