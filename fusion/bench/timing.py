@@ -126,8 +126,13 @@ def count_flops(model: nn.Module, forward: Callable[[], object]) -> int:
 
 
 def max_rss_mib() -> float:
-    """This process's peak resident set size so far, MiB (``ru_maxrss``: KiB on Linux, bytes on
-    macOS)."""
+    """This process's peak resident set size so far, MiB: ``VmHWM`` of ``/proc/self/status``,
+    the peak of its own address space (``ru_maxrss`` keeps the parent's peak across the exec of
+    a spawned child, so it would report at least the parent's size), else ``ru_maxrss`` (KiB on
+    Linux, bytes on macOS)."""
+    hwm = _status_kib("VmHWM")
+    if hwm:
+        return hwm / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
