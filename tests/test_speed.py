@@ -52,7 +52,8 @@ def test_predict_with_each_option(
     series_path = shared_data / "footfall" / "counts.csv.gz"
     common = ["predict", "--ckpt_path", str(trained_run.ckpt), "--manifest", str(small_manifest),
               "--series", str(series_path), "--device", "cpu"]  # fmt: skip
-    runs = {"exact": [], "int8": ["--int8"], "bf16": ["--bf16"], "fast": ["--speed", "fast"]}
+    runs = {"exact": [], "int8": ["--int8"], "bf16": ["--bf16"],
+            "fast": ["--speed", "fast", "--merge", "2"]}  # fmt: skip
     for name, extra in runs.items():
         assert main([*common, *extra, "--output", str(tmp_path / f"{name}.csv")]) == 0
     exact = pd.read_csv(tmp_path / "exact.csv")

@@ -118,7 +118,7 @@ def held_out_scores(
         "macro_f1": macro_f1(labels, np.where(preds < 0, len(classes), preds), len(classes) + 1),
         "accuracy": float((labels == preds).mean()),
         "rows": len(pooled),
-        "places": int(pooled["sensor_id"].nunique()),
+        "sensors": int(pooled["sensor_id"].nunique()),
     }
 
 
@@ -229,7 +229,7 @@ def _markdown(
         "clock starts) and of the bare fp32 timm ViT's forward on the same decoded tiles; "
         f"median of {rounds} interleaved rounds after one untimed; device {device}, torch "
         f"threads {threads or torch.get_num_threads()}. Accuracy: macro-F1 on "
-        f"{int(first['rows'])} held-out rows of {int(first['places'])} places (place-grouped "
+        f"{int(first['rows'])} held-out rows of {int(first['sensors'])} sensors (place-grouped "
         f"{folds}-fold split, one model per fold trained once with the exact ViT; the setting "
         "applied at prediction only).",
         "",
