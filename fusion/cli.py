@@ -200,9 +200,15 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             timezone=args.timezone, min_valid=args.min_valid,
         )  # fmt: skip
     data = PredictionDataModule(samples, batch_size=args.batch_size, num_workers=args.num_workers)
+    speed = _speed(args)
+    if speed.name != "exact" and (args.coverage is not None or args.flag_rate is not None):
+        print(
+            f"note: the prediction sets and unfamiliar-tile flags were calibrated with the exact "
+            f"ViT; with --speed {speed.name} they are approximate", file=sys.stderr,
+        )  # fmt: skip
     result = predict(
         task, data, args.output, device=args.device, coverage=args.coverage,
-        flag_rate=args.flag_rate, max_set_size=args.max_set_size, speed=_speed(args),
+        flag_rate=args.flag_rate, max_set_size=args.max_set_size, speed=speed,
     )  # fmt: skip
     if args.format == "urfc":
         from fusion.data.urfc import urfc_submission
@@ -322,7 +328,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="folder for the generated URFC data (default: a temporary folder) and the speed "
-        "part's fold models (default: runs/bench_speed)",
+        "part's fold models (default: runs/bench_speed/CONFIG)",
     )
 
 
@@ -336,7 +342,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         run_speed_bench(
             args.output, config_files(args.speed_config), Path(args.series),
-            args.work or Path("runs/bench_speed"), settings=args.speed_settings,
+            args.work or Path("runs/bench_speed") / args.speed_config,
+            settings=args.speed_settings,
             rows=args.speed_rows, device=args.device, threads=args.threads or None,
         )  # fmt: skip
         print((args.output / "speed.md").read_text())

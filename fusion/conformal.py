@@ -21,10 +21,11 @@ is the place-weighted ``1 - alpha`` quantile. The split-conformal finite-sample 
 (``(1 - alpha)(1 + 1/n)``, counted in places) is not applied: with the few places of a class
 it would exceed 1 at 90% and put every class in every set. So the coverage is approximate,
 not guaranteed, and ``fusion compare`` measures it on held-out places. Calibration rows are
-those of places the model never trained on: the val places of ``fusion fit``'s first stage
-(also used to weigh its heads, :mod:`fusion.calibration`), or, more of them, the out-of-fold
-rows of a place-grouped cross-validation of the same setting (``fusion calibrate``;
-cross-conformal, Vovk 2015): the measured places chose nothing.
+of places the model that scored them never trained on: the val places of ``fusion fit``'s
+first stage, scored by that stage (also used to weigh its heads, :mod:`fusion.calibration`;
+the refit trains on them and keeps this calibration), or, more of them, the out-of-fold rows of
+a place-grouped cross-validation of the same setting (``fusion calibrate``; cross-conformal,
+Vovk 2015): the measured places chose nothing.
 """
 
 from __future__ import annotations

@@ -590,8 +590,9 @@ SET_CALIBRATIONS = {"pred_set": "inner val places", "pred_set_cv": "other folds"
 def set_coverage(oof: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """Empirical coverage and mean size of the conformal sets (:data:`SET_COVERAGE`) on the
     held-out folds, per setting and calibration (:data:`SET_CALIBRATIONS`), overall and per
-    true class: mean and std over repeats of the pooled out-of-fold rows. Settings without sets
-    are left out."""
+    true class: mean and std over repeats of the pooled out-of-fold rows. Every setting has
+    cross-fitted sets; those without a conformal calibration of their own (the linear probe)
+    have no inner-val rows."""
     records = []
     names = np.array(classes)
     for (setting, repeat), part in oof.groupby(["setting", "repeat"], sort=False):

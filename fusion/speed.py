@@ -77,12 +77,13 @@ def parse_speed(name: str) -> Speed:
 def apply_speed(net: nn.Module, speed: Speed, device: str) -> None:
     """Set ``speed``'s ViT options on a trained classifier ``net`` (a
     :class:`~fusion.models.classifier.FusionClassifier`, in place; ``device``: ``cpu`` or
-    ``gpu``, where it will run). Options that need a frozen ViT are refused for a model
-    without one."""
-    if speed == EXACT:
-        return
+    ``gpu``, where it will run). Merging, int8 and compile need a frozen ViT and are refused
+    for a model without one; applying the same ``speed`` again changes nothing."""
+    if speed == EXACT or getattr(net, "applied_speed", None) == speed:
+        return  # nothing to do, or done already (a bench applies it before its clock starts)
     encoder = getattr(net, "image_encoder", None)
-    if encoder is None or not encoder.cacheable:
+    needs_vit = speed.merge or speed.int8 or speed.compile  # bf16 is the trainer's precision
+    if needs_vit and (encoder is None or not encoder.cacheable):
         raise ValueError(
             f"--speed {speed.name} needs a model with a frozen ViT (this one has "
             f"{'no image branch' if encoder is None else 'a fully trained ViT'})"
@@ -102,3 +103,4 @@ def apply_speed(net: nn.Module, speed: Speed, device: str) -> None:
             )
     if speed.compile:
         encoder.frozen_part = torch.compile(encoder.frozen_part, dynamic=True)
+    net.applied_speed = speed

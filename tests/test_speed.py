@@ -33,6 +33,8 @@ def test_int8_and_merge_change_only_the_frozen_vit(trained_run) -> None:
     assert sum(isinstance(m, quantised) for m in backbone.modules()) == 4 * len(backbone.blocks)
     after = task.net.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in heads.items())  # the rest untouched
+    apply_speed(task.net, Speed(merge=2, int8=True), "cpu")  # again: nothing more happens
+    assert sum(isinstance(m, quantised) for m in backbone.modules()) == 4 * len(backbone.blocks)
 
 
 def test_refused_where_it_cannot_run(trained_run) -> None:
@@ -44,6 +46,7 @@ def test_refused_where_it_cannot_run(trained_run) -> None:
     task.net.image_encoder = None
     with pytest.raises(ValueError, match="no image branch"):
         apply_speed(task.net, Speed(merge=4), "cpu")
+    apply_speed(task.net, Speed(bf16=True), "cpu")  # the trainer's precision: any model
 
 
 def test_predict_with_each_option(

@@ -18,6 +18,7 @@ Writes ``speed.csv``, ``speed.md`` and ``speed.png`` (the trade-off) to the outp
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -37,11 +38,12 @@ from fusion.bench.build import timm_floor
 from fusion.bench.timing import sync, torch_threads
 from fusion.configs import config_args
 from fusion.data.prediction import ManifestSamples, PredictionDataModule
+from fusion.errors import InputError
 from fusion.io import atomic_path
 from fusion.metrics import macro_f1
 from fusion.plots import save_figure
 from fusion.predict import load_model, predict
-from fusion.speed import MEASURED, Speed, parse_speed
+from fusion.speed import MEASURED, Speed, apply_speed, parse_speed
 from fusion.training import build_cli
 
 MANIFEST_COLUMNS = ["sample_id", "image", "sensor_id", "start", "hours", "label"]
@@ -60,6 +62,15 @@ def fold_models(
 ) -> list[FoldModel]:
     """Train (once: an existing ``work/foldK`` is reused) each fold's model on the other
     folds' places, with the split of ``fusion compare``'s repeat 0."""
+    spec = {"configs": [str(c) for c in configs], "folds": folds, "overrides": list(overrides)}
+    written = work / "spec.json"
+    if written.is_file() and json.loads(written.read_text()) != spec:
+        raise InputError(
+            f"holds fold models of {written.read_text().strip()}, not of {json.dumps(spec)}: "
+            "use another --work folder", file=written,
+        )  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    written.write_text(json.dumps(spec))
     out = []
     for fold in range(folds):
         folder = work / f"fold{fold}"
@@ -190,6 +201,7 @@ def _interleaved(
                     bare()
                 else:
                     task, contract = load_model(model.ckpt)
+                    apply_speed(task.net, speeds[name], "cpu" if device == "cpu" else "gpu")
                     start = time.perf_counter()
                     _predict(task, contract, manifest, speeds[name], series, device,
                              Path(tmp) / "p.csv")  # fmt: skip
@@ -225,8 +237,9 @@ def _markdown(
         "# Prediction speed against accuracy (`fusion bench --parts speed`)",
         "",
         f"Speed: samples/s of the whole `fusion predict` path on {rows} held-out rows (tiles "
-        "read, series windows, ViT, fusion, CSV written; the checkpoint loaded before the "
-        "clock starts) and of the bare fp32 timm ViT's forward on the same decoded tiles; "
+        "read, series windows, ViT, fusion, CSV written; the checkpoint loaded and the setting "
+        "applied before the clock starts) and of the bare fp32 timm ViT's forward on the same "
+        "decoded tiles; "
         f"median of {rounds} interleaved rounds after one untimed; device {device}, torch "
         f"threads {threads or torch.get_num_threads()}. Accuracy: macro-F1 on "
         f"{int(first['rows'])} held-out rows of {int(first['sensors'])} sensors (place-grouped "

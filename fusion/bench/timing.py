@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Empty
 from typing import Any, TypeVar
 
 import torch
@@ -147,8 +148,9 @@ def _status_kib(field: str) -> int:
 
 @contextmanager
 def memory_peaks() -> Iterator[dict[str, float]]:
-    """Peak RSS (``ru_maxrss``) and peak anonymous RSS (``RssAnon``, sampled every 20 ms; 0
-    where ``/proc`` has none) of this process while the block runs, MiB, filled in on exit."""
+    """Peak RSS (:func:`max_rss_mib`: the process's peak so far, so work before the block counts
+    too; measure in a fresh process) and peak anonymous RSS (``RssAnon``, sampled every 20 ms
+    while the block runs; 0 where ``/proc`` has none), MiB, filled in on exit."""
     peaks: dict[str, float] = {}
     anon = [0]
     done = threading.Event()
@@ -183,7 +185,13 @@ def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str,
     queue = ctx.Queue()
     process = ctx.Process(target=_child, args=(fn, args, queue))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not process.is_alive():  # killed (out of memory, a signal) before reporting
+                raise RuntimeError(f"{fn.__name__} died (exit code {process.exitcode})") from None
     process.join()
     if "error" in result:
         raise RuntimeError(f"{fn.__name__} failed: {result['error']}")

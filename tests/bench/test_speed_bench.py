@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from fusion.bench.speed import fold_models, run_speed_bench
 from fusion.configs import config_files
+from fusion.errors import InputError
 
 
 def test_speed_bench_end_to_end(places_manifest, shared_data, vit_weights, tmp_path) -> None:
@@ -28,10 +30,13 @@ def test_speed_bench_end_to_end(places_manifest, shared_data, vit_weights, tmp_p
     exact = frame.set_index("setting").loc["exact"]
     assert exact["x_exact"] == 1 and exact["macro_f1_points"] == 0
     # Every held-out row of both folds scored once, each fold by the model that never saw it.
-    held = [pd.read_csv(m.held_out) for m in fold_models(config_files("vit"), 2, work)]
+    models = fold_models(config_files("vit"), 2, work, overrides)  # reused, not trained again
+    held = [pd.read_csv(m.held_out) for m in models]
     assert exact["rows"] == sum(len(h) for h in held) and 0 < exact["macro_f1"] <= 1
     assert not set(held[0]["sensor_id"]) & set(held[1]["sensor_id"])
     assert np.isfinite(frame["macro_f1"].iloc[1:]).all()
     assert (out / "speed.png").stat().st_size > 10_000
     text = (out / "speed.md").read_text()
     assert "| tome2 |" in text and "bare timm ViT" in text
+    with pytest.raises(InputError, match="use another --work folder"):  # another config's models
+        fold_models(config_files("mbt_mid"), 2, work, overrides)

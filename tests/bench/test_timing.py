@@ -3,6 +3,8 @@ memory of a call in a fresh process."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -48,6 +50,10 @@ def _fail() -> dict[str, float]:
     raise OSError("disk on fire")
 
 
+def _die() -> dict[str, float]:
+    os._exit(3)  # as an out-of-memory kill would: no report
+
+
 def test_fresh_process_peaks_are_its_own() -> None:
     small, large = in_fresh_process(_allocate, 1), in_fresh_process(_allocate, 1500)
     assert large["size"] == 1500 * 2**20
@@ -55,3 +61,5 @@ def test_fresh_process_peaks_are_its_own() -> None:
     assert large["peak_anon_mib"] - small["peak_anon_mib"] > 600
     with pytest.raises(RuntimeError, match="_fail failed: OSError"):
         in_fresh_process(_fail)
+    with pytest.raises(RuntimeError, match=r"_die died \(exit code 3\)"):
+        in_fresh_process(_die)
