@@ -51,7 +51,7 @@ from fusion.io import atomic_path
 from fusion.metrics import SCALARS, confusion_matrix, draw_confusion, macro_f1, scores
 from fusion.ood import FLAG_RATE, unfamiliar
 from fusion.plots import save_figure
-from fusion.predict import load_model, read_checkpoint
+from fusion.predict import checkpoint_contract, read_checkpoint
 from fusion.task import IMAGE_HEAD, VIEWS
 from fusion.training import build_cli, refit
 
@@ -538,13 +538,14 @@ def calibrate_checkpoint(
     compare``; every repeat, each place counting once), in place of its val places' one. The
     cross-validation should be of the checkpoint's own config: its models never saw the rows'
     places, as the checkpoint's model will not have seen a user's."""
-    task, _ = load_model(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
+    classes = checkpoint_contract(ckpt, ckpt_path).classes
     oof = pd.read_csv(oof_path, keep_default_na=False)
-    missing = {"setting", "label", "group", *(f"p_{c}" for c in task.classes)} - set(oof)
+    missing = {"setting", "label", "group", *(f"p_{c}" for c in classes)} - set(oof)
     if missing:
         raise InputError(
             f"missing column(s) {sorted(missing)} (the checkpoint's classes are "
-            f"{list(task.classes)})", file=oof_path,
+            f"{list(classes)})", file=oof_path,
         )  # fmt: skip
     part = oof[oof["setting"] == setting]
     if part.empty:
@@ -553,10 +554,9 @@ def calibrate_checkpoint(
             file=oof_path,
         )  # fmt: skip
     try:
-        calibration = oof_calibration(part, task.classes)
+        calibration = oof_calibration(part, classes)
     except ValueError as err:
         raise InputError(str(err), file=oof_path) from err
-    ckpt = read_checkpoint(ckpt_path)
     ckpt["conformal"] = calibration.to_dict()
     with atomic_path(output) as tmp:
         torch.save(ckpt, tmp)

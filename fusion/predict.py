@@ -64,19 +64,29 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
+def checkpoint_contract(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> DataContract:
+    """The input contract (classes, bands, window ...) of a :func:`read_checkpoint` dict."""
+    try:
+        return DataContract.from_dict(
+            ckpt["hyper_parameters"]["data_info"], ckpt.get("datamodule_hyper_parameters")
+        )
+    except (TypeError, ValueError, KeyError) as err:
+        raise InputError(
+            f"cannot read the checkpoint's input contract: {err!r}", file=path
+        ) from err
+
+
 def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
     """A trained :class:`FusionTask` (eval mode, CPU) and its input contract, from
     :func:`read_checkpoint`. The ViT is built without its pretrained file, whose weights are
     in the checkpoint."""
     path = Path(path)
     ckpt = read_checkpoint(path)
+    contract = checkpoint_contract(ckpt, path)
     hparams = FusionTask.known_hparams(ckpt["hyper_parameters"])
     hparams["net"] = {**(hparams.get("net") or {}), "vit_weights": None}
+    hparams["data_info"] = contract.to_dict()
     try:
-        contract = DataContract.from_dict(
-            hparams["data_info"], ckpt.get("datamodule_hyper_parameters")
-        )
-        hparams["data_info"] = contract.to_dict()
         task = FusionTask(**hparams)
     except (TypeError, ValueError, KeyError) as err:
         raise InputError(f"cannot build the checkpoint's model: {err!r}", file=path) from err
