@@ -167,6 +167,8 @@ def _speed(args: argparse.Namespace) -> Speed:
 def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import os
 
+    import numpy as np
+
     # GDAL keeps decoded raster blocks up to 5% of the RAM by default: across a city-wide raster
     # that cache, not the model, would set the memory. A user's own setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")  # MB
@@ -213,7 +215,7 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.format == "urfc":
         from fusion.data.urfc import urfc_submission
 
-        areas = data.describe()["sample_id"].tolist()
+        areas = data.describe(np.arange(len(result.pred)))["sample_id"].tolist()
         labels = [task.classes[p] if p >= 0 else "" for p in result.pred]
         with atomic_path(submission) as tmp:
             tmp.write_text(urfc_submission(areas, labels))
@@ -308,12 +310,18 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="real counts the large table is built from")  # fmt: skip
     p.add_argument("--series-rows", type=int, default=10_000_000,
                    help="rows of the generated activity table (0: skip)")  # fmt: skip
-    p.add_argument("--parts", nargs="+", choices=["models", "data", "urfc", "speed"],
+    p.add_argument("--parts", nargs="+", choices=["models", "data", "urfc", "speed", "regions"],
                    default=["models", "data"],
                    help="what to measure: the variants, the data pipeline, URFC at city scale "
                    "(generated regions: conversion, windows on disk, training; long), the "
                    "prediction speed options against held-out macro-F1 (trains a model per "
-                   "fold once, in --work; long)")  # fmt: skip
+                   "fold once, in --work; long), fusion predict's peak memory against the "
+                   "number of regions (generated; long)")  # fmt: skip
+    p.add_argument("--regions-counts", type=int, nargs="+", default=[100_000, 1_000_000],
+                   help="regions: sizes of the generated region grids")  # fmt: skip
+    p.add_argument("--regions-scene", type=Path,
+                   default=Path("../shared/data/geotiff/rgbn.tif"),
+                   help="regions: the real scene the raster is a mosaic of")  # fmt: skip
     p.add_argument("--speed-config", default="mbt_mid",
                    help="speed: the variant whose fold models are measured")  # fmt: skip
     p.add_argument("--speed-settings", nargs="+", default=list(MEASURED),
@@ -327,8 +335,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         "--work",
         type=Path,
         default=None,
-        help="folder for the generated URFC data (default: a temporary folder) and the speed "
-        "part's fold models (default: runs/bench_speed/CONFIG)",
+        help="folder for the generated URFC data (default: a temporary folder), the speed "
+        "part's fold models (default: runs/bench_speed/CONFIG) and the regions part's raster, "
+        "grids and model (default: runs/bench_regions)",
     )
 
 
@@ -347,6 +356,14 @@ def _bench(args: argparse.Namespace) -> int:
             rows=args.speed_rows, device=args.device, threads=args.threads or None,
         )  # fmt: skip
         print((args.output / "speed.md").read_text())
+    if "regions" in args.parts:
+        from fusion.bench.regions import run_regions_bench
+
+        run_regions_bench(
+            args.output, args.regions_scene, args.work or Path("runs/bench_regions"),
+            counts=tuple(args.regions_counts),
+        )  # fmt: skip
+        print((args.output / "regions.md").read_text())
     if "urfc" in args.parts:
         from fusion.bench.urfc import run_urfc_bench
 

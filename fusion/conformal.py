@@ -81,10 +81,12 @@ def set_names(sets: np.ndarray, classes: Sequence[str]) -> list[str]:
     return ["|".join(names[member]) for member in sets]
 
 
-def randomisation(n: int, seed: int = 0) -> np.ndarray:
-    """The ``u (n,)`` of :func:`aps_scores` and :func:`aps_sets`, fixed by ``seed``, so a run's
-    sets are reproducible."""
-    return np.random.default_rng(seed).random(n)
+def randomisation(n: int, seed: int = 0, start: int = 0) -> np.ndarray:
+    """The ``u (n,)`` of :func:`aps_scores` and :func:`aps_sets` of rows ``start .. start + n -
+    1``, fixed by ``seed`` and each row's position, so a run's sets are reproducible and a
+    stream of rows needs no array of all of them (``randomisation(n, start=k)`` equals
+    ``randomisation(k + n)[k:]``)."""
+    return np.random.Generator(np.random.PCG64(seed).advance(start)).random(n)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import geopandas
@@ -12,11 +12,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import shapely
+from affine import Affine
 from matplotlib.axes import Axes
 from matplotlib.collections import PathCollection
 from matplotlib.colors import to_rgba
 from matplotlib.patches import Patch
 from matplotlib.path import Path as MplPath
+from rasterio.coords import BoundingBox
+from rasterio.crs import CRS
+from rasterio.features import rasterize
 from rasterio.io import DatasetReader
 
 from fusion.data.tiles import band_indexes, open_raster, read_bands
@@ -134,21 +138,7 @@ def draw_prediction_map(
     colour, then ``"skipped (no data)"`` if any region has no label, drawn as grey hatched
     outlines).
     """
-    with open_raster(raster) as src:
-        if rgb_bands is None:
-            rgb_bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
-        indexes = band_indexes(rgb_bands, src.count, file=raster)
-        data, valid = read_overview(src, indexes, nodata=nodata, max_pixels=max_pixels)
-        bounds, crs = src.bounds, src.crs
-
-    rgba = np.dstack([display_rgb(data, valid), valid.astype(np.float32)])
-    ax.imshow(
-        rgba,
-        extent=(bounds.left, bounds.right, bounds.bottom, bounds.top),
-        interpolation="nearest",
-        zorder=0,
-    )
-
+    *_, crs = _background(ax, raster, rgb_bands, nodata, max_pixels)
     shapes = regions[regions.geometry.notna() & ~regions.geometry.is_empty]
     if crs is not None and shapes.crs is not None and len(shapes):
         shapes = shapes.to_crs(crs)
@@ -181,7 +171,44 @@ def draw_prediction_map(
         handles.append(Patch(**style))
         labels.append(SKIPPED_LABEL)
     ax.autoscale_view()
+    _finish(ax, raster, handles, labels, label_column, crs, title)
+    return handles, labels
 
+
+def _background(
+    ax: Axes,
+    raster: str | os.PathLike[str],
+    rgb_bands: Sequence[int] | None,
+    nodata: float | None,
+    max_pixels: int,
+) -> tuple[tuple[int, int], BoundingBox, CRS | None]:
+    """Draw ``raster``'s overview (:func:`read_overview`) on ``ax``; its ``(h, w)``, bounds, CRS."""
+    with open_raster(raster) as src:
+        if rgb_bands is None:
+            rgb_bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
+        indexes = band_indexes(rgb_bands, src.count, file=raster)
+        data, valid = read_overview(src, indexes, nodata=nodata, max_pixels=max_pixels)
+        bounds, crs = src.bounds, src.crs
+    rgba = np.dstack([display_rgb(data, valid), valid.astype(np.float32)])
+    ax.imshow(
+        rgba,
+        extent=(bounds.left, bounds.right, bounds.bottom, bounds.top),
+        interpolation="nearest",
+        zorder=0,
+    )
+    return valid.shape, bounds, crs
+
+
+def _finish(
+    ax: Axes,
+    raster: str | os.PathLike[str],
+    handles: list[Patch],
+    labels: list[str],
+    label_column: str,
+    crs: CRS | None,
+    title: str,
+) -> None:
+    """Legend, axis labels and title of a prediction map."""
     if handles:
         ax.legend(
             handles,
@@ -198,7 +225,6 @@ def draw_prediction_map(
     ax.ticklabel_format(style="plain", useOffset=False)
     ax.set_aspect("equal")
     ax.set_title(title or f"Predicted classes over {Path(raster).name}")
-    return handles, labels
 
 
 def plot_prediction_map(
@@ -217,23 +243,96 @@ def plot_prediction_map(
 
     See :func:`draw_prediction_map` for the drawing; the figure is sized to the raster's aspect.
     """
+    return _save_map(raster, path, lambda ax: draw_prediction_map(
+        ax, raster, regions, classes, label_column=label_column, rgb_bands=rgb_bands,
+        nodata=nodata, max_pixels=max_pixels, title=title,
+    ))  # fmt: skip
+
+
+def _save_map(
+    raster: str | os.PathLike[str], path: str | os.PathLike[str], draw: Callable[[Axes], object]
+) -> Path:
+    """A figure sized to ``raster``'s aspect, drawn by ``draw``, saved to ``path``."""
     with open_raster(raster) as src:
         aspect = src.width / max(src.height, 1)
     width = float(np.clip(8.0 * aspect, 5.0, 16.0)) + 3.0
     fig, ax = plt.subplots(figsize=(width, 8.0), layout="constrained")
     try:
-        draw_prediction_map(
-            ax,
-            raster,
-            regions,
-            classes,
-            label_column=label_column,
-            rgb_bands=rgb_bands,
-            nodata=nodata,
-            max_pixels=max_pixels,
-            title=title,
-        )
+        draw(ax)
     except BaseException:
         plt.close(fig)
         raise
     return save_figure(fig, path, dpi=120)
+
+
+def draw_class_raster(
+    ax: Axes,
+    raster: str | os.PathLike[str],
+    chunks: Iterable[geopandas.GeoDataFrame],
+    classes: Sequence[str],
+    *,
+    label_column: str = "pred",
+    rgb_bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    max_pixels: int = 1500,
+    title: str = "",
+) -> tuple[list[Patch], list[str]]:
+    """:func:`draw_prediction_map` for more regions than polygons can be drawn: the regions of
+    ``chunks`` (each a frame like its ``regions``) burnt chunk by chunk into a class image on
+    the raster's overview grid (a pixel takes the region covering its centre), so memory holds
+    one chunk, not every polygon. Uncertain regions striped, skipped ones grey; no outlines."""
+    shape, bounds, crs = _background(ax, raster, rgb_bands, nodata, max_pixels)
+    grid = np.full(shape, -2, dtype=np.int16)  # -2: no region, -1: skipped, K + k: uncertain k
+    transform = Affine.translation(bounds.left, bounds.top) @ Affine.scale(
+        (bounds.right - bounds.left) / shape[1], (bounds.bottom - bounds.top) / shape[0]
+    )
+    k = len(classes)
+    counts = np.zeros(2 * k + 1, dtype=np.int64)  # skipped, classes, uncertain classes
+    for chunk in chunks:
+        shapes = chunk[chunk.geometry.notna() & ~chunk.geometry.is_empty]
+        if crs is not None and shapes.crs is not None and len(shapes):
+            shapes = shapes.to_crs(crs)
+        codes = class_codes(shapes, classes, label_column)
+        if "status" in shapes.columns:
+            uncertain = (shapes["status"] == UNCERTAIN_STATUS).to_numpy() & (codes >= 0)
+            codes = np.where(uncertain, codes + k, codes)
+        counts += np.bincount(codes + 1, minlength=2 * k + 1)
+        if len(shapes):
+            rasterize(zip(shapes.geometry, codes.tolist(), strict=True), out=grid,
+                      transform=transform)  # fmt: skip
+    colors = np.array([to_rgba(c, FILL_ALPHA) for c in class_colors(k)] or np.zeros((0, 4)))
+    rgba = np.zeros((*shape, 4), dtype=np.float32)
+    plain, striped = (grid >= 0) & (grid < k), grid >= k
+    rgba[plain] = colors[grid[plain]]
+    rgba[striped] = colors[grid[striped] - k]
+    rows, cols = np.indices(shape)
+    rgba[striped & ((rows + cols) % 6 < 2)] = (0.1, 0.1, 0.1, 0.9)  # the hatching of vectors
+    rgba[grid == -1] = to_rgba(SKIPPED_COLOR, FILL_ALPHA)
+    ax.imshow(rgba, extent=(bounds.left, bounds.right, bounds.bottom, bounds.top),
+              interpolation="nearest", zorder=1)  # fmt: skip
+    handles: list[Patch] = []
+    labels: list[str] = []
+    for i, name in enumerate(classes):
+        if counts[1 + i] + counts[1 + k + i]:
+            handles.append(Patch(facecolor=colors[i], edgecolor=to_rgba(colors[i], 0.9)))
+            labels.append(f"{name} ({int(counts[1 + i] + counts[1 + k + i])})")
+    if counts[1 + k :].any():
+        handles.append(Patch(facecolor="none", edgecolor="0.1", hatch="xxx"))
+        labels.append(f"uncertain ({int(counts[1 + k :].sum())})")
+    if counts[0]:
+        handles.append(Patch(facecolor=to_rgba(SKIPPED_COLOR, FILL_ALPHA), hatch="///"))
+        labels.append(SKIPPED_LABEL)
+    _finish(ax, raster, handles, labels, label_column, crs, title)
+    return handles, labels
+
+
+def plot_class_raster(
+    raster: str | os.PathLike[str],
+    chunks: Iterable[geopandas.GeoDataFrame],
+    classes: Sequence[str],
+    path: str | os.PathLike[str],
+    **options: object,
+) -> Path:
+    """:func:`plot_prediction_map` drawn by :func:`draw_class_raster` (``options``: its)."""
+    return _save_map(raster, path, lambda ax: draw_class_raster(ax, raster, chunks, classes,
+                                                                **options))  # fmt: skip

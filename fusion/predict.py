@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,18 @@ import geopandas as gpd
 import lightning as L
 import numpy as np
 import pandas as pd
+import pyogrio
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fusion.calibration import calibration_errors
 from fusion.conformal import aps_sets, randomisation, set_names
 from fusion.data.contract import DataContract
+from fusion.data.mosaic import CHUNK, RegionRaster
 from fusion.data.prediction import PredictionDataModule
 from fusion.errors import InputError
 from fusion.io import atomic_path, check_replaceable
-from fusion.maps import UNCERTAIN_STATUS, plot_prediction_map
+from fusion.maps import UNCERTAIN_STATUS, plot_class_raster, plot_prediction_map
 from fusion.metrics import confusion_matrix, scores
 from fusion.ood import unfamiliar
 from fusion.speed import EXACT, Speed, apply_speed
@@ -101,14 +104,15 @@ def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
 
 
 def _status(has_image: np.ndarray, has_series: np.ndarray) -> np.ndarray:
-    return np.select(
-        [has_image & has_series, has_image, has_series],
-        ["image+series", "image only", "series only"],
-        "skipped",
-    )
+    """Each row's code in :data:`STATUSES` from the views it had."""
+    return np.select([has_image & has_series, has_image, has_series], [1, 2, 3], 0)
 
 
 UNCERTAIN = UNCERTAIN_STATUS  # the status of a prediction flagged by Flags
+# Above this many regions the PNG map is rasterised and no HTML map is drawn (``_maps``).
+MAP_REGIONS = 50_000
+# A row's status: skipped, the views it was predicted from, or flagged.
+STATUSES = ("skipped", "image+series", "image only", "series only", UNCERTAIN)
 
 
 @dataclass(frozen=True)
@@ -123,47 +127,47 @@ class Flags:
 
 
 class RowWriter(BasePredictionWriter):
-    """Writes each predicted batch's rows to ``tmp`` (a CSV, or a GeoPackage layer
-    ``predictions`` with the regions' ``geometry``), ``chunk`` rows at a time, so memory stays
-    bounded and a GeoPackage is not reopened for every batch. Keeps each sample's ``pred``,
-    ``status`` and ``logits`` for the summary.
+    """Writes each predicted batch's rows to ``tmp`` (a CSV, or with ``regions`` a GeoPackage
+    layer ``predictions`` with the regions' ``geometry``, read from their file as the rows are
+    written), ``chunk`` rows at a time, so memory stays bounded and a GeoPackage is not reopened
+    for every batch. Keeps each of the ``n`` samples' ``pred`` and ``status`` (code in
+    :data:`STATUSES`), 3 bytes a sample, and with ``keep_logits`` their logits (for scoring).
 
-    Output rows: ``described`` (the sample's id columns), ``pred``, ``p_<class>`` (calibrated);
-    for a model of both views also ``pred_image``, ``p_image_<class>``, ``pred_series``,
-    ``p_series_<class>`` (the model with the other view removed; empty without that view);
-    ``has_image``, ``has_series`` (the views used), ``valid_share`` (share of the place's pixels
-    with data), ``status`` (``image+series`` / ``image only`` / ``series only`` / ``skipped``)
-    and ``note`` (why a view is missing). Skipped rows have no prediction. With ``thresholds``
-    (``(K,)``, :meth:`~fusion.conformal.ConformalCalibration.thresholds`): ``pred_set`` (the
-    classes of the conformal prediction set, ``|``-separated) and ``set_size``. With ``flags``
-    (:class:`Flags`): ``image_energy`` (:mod:`fusion.ood`), and ``status`` ``uncertain`` (the
-    label still written, the reason in ``note``) for a tile less familiar than the threshold
-    or a set larger than ``max_set_size``.
+    Output rows: ``describe(index)`` (the samples' id columns), ``pred``, ``p_<class>``
+    (calibrated); for a model of both views also ``pred_image``, ``p_image_<class>``,
+    ``pred_series``, ``p_series_<class>`` (the model with the other view removed; empty without
+    that view); ``has_image``, ``has_series`` (the views used), ``valid_share`` (share of the
+    place's pixels with data), ``status`` (``image+series`` / ``image only`` / ``series only`` /
+    ``skipped``) and ``note`` (why a view is missing). Skipped rows have no prediction. With
+    ``thresholds`` (``(K,)``, :meth:`~fusion.conformal.ConformalCalibration.thresholds`):
+    ``pred_set`` (the classes of the conformal prediction set, ``|``-separated) and
+    ``set_size``. With ``flags`` (:class:`Flags`): ``image_energy`` (:mod:`fusion.ood`), and
+    ``status`` ``uncertain`` (the label still written, the reason in ``note``) for a tile less
+    familiar than the threshold or a set larger than ``max_set_size``.
     """
 
     def __init__(
         self,
         tmp: Path,
-        described: pd.DataFrame,
+        describe: Callable[[np.ndarray], pd.DataFrame],
+        n: int,
         classes: tuple[str, ...],
-        geometry: gpd.GeoSeries | None = None,
+        regions: RegionRaster | None = None,
         chunk: int = 4096,
         thresholds: np.ndarray | None = None,
         flags: Flags | None = None,
+        keep_logits: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
-        self.tmp, self.described, self.classes = tmp, described, classes
-        self.geometry, self.chunk, self.thresholds = geometry, chunk, thresholds
+        self.tmp, self.describe, self.classes = tmp, describe, classes
+        self.regions, self.chunk, self.thresholds = regions, chunk, thresholds
         self.flags = flags
-        n = len(described)
-        self.u = randomisation(n)  # each row's APS randomisation, fixed by its position
-        self.set_size = np.zeros(n, dtype=np.int64)
-        self.pred = np.full(n, -1, dtype=np.int64)
-        self.status = np.full(n, "skipped", dtype=object)
-        self.logits = np.full((n, len(classes)), np.nan, dtype=np.float32)
+        self.pred = np.full(n, -1, dtype=np.int16)
+        self.status = np.zeros(n, dtype=np.uint8)
+        self.logits = np.full((n, len(classes)), np.nan, np.float32) if keep_logits else None
         self.first = True
         self.pending: list[tuple[pd.DataFrame, np.ndarray]] = []
-        if geometry is not None:
+        if regions is not None:
             tmp.unlink()  # GDAL creates the GeoPackage itself
 
     def write_on_batch_end(
@@ -174,28 +178,32 @@ class RowWriter(BasePredictionWriter):
                for k, v in prediction.items()}  # fmt: skip
         index = out["index"]
         self.pred[index] = out["pred"]
-        self.logits[index] = out["logits"]
+        if self.logits is not None:
+            self.logits[index] = out["logits"]
         self.status[index] = _status(out["has_image"], out["has_series"])
         views = {v: out[f"probs_{v}"] for v in VIEWS if f"probs_{v}" in out}
         rows = pd.concat(
-            [
-                self.described.iloc[index].reset_index(drop=True),
-                probability_columns(out["probs"], list(self.classes), views),
-            ],
+            [self.describe(index), probability_columns(out["probs"], list(self.classes), views)],
             axis=1,
         )
         rows["has_image"], rows["has_series"] = out["has_image"], out["has_series"]
         rows["valid_share"] = batch["valid_share"].cpu().numpy()
-        rows["status"], rows["note"] = self.status[index], list(batch["note"])
+        rows["status"], rows["note"] = self._names(index), list(batch["note"])
         if self.thresholds is not None:
             member = np.zeros(out["probs"].shape, dtype=bool)
             ok = out["pred"] >= 0
-            member[ok] = aps_sets(out["probs"][ok], self.thresholds, self.u[index][ok])
+            u = randomisation(len(index), start=int(index.min()))[index - index.min()]
+            member[ok] = aps_sets(out["probs"][ok], self.thresholds, u[ok])
             rows["pred_set"] = set_names(member, self.classes)
-            rows["set_size"] = self.set_size[index] = member.sum(axis=1)
+            rows["set_size"] = member.sum(axis=1)
         if self.flags is not None:
             self._flag(rows, out, index)
         self.pending.append((rows, index))
+        if sum(len(r) for r, _ in self.pending) >= self.chunk:
+            self.flush()
+
+    def _names(self, index: np.ndarray) -> np.ndarray:
+        return np.asarray(STATUSES, dtype=object)[self.status[index]]
 
     def _flag(self, rows: pd.DataFrame, out: dict[str, np.ndarray], index: np.ndarray) -> None:
         """Mark ``rows`` uncertain where the tile is unfamiliar or the set large (notes say)."""
@@ -217,11 +225,9 @@ class RowWriter(BasePredictionWriter):
             for i in np.flatnonzero(large):
                 notes[i].append(f"{rows['set_size'].iloc[i]} classes in the prediction set")
             uncertain |= large
-        self.status[index[uncertain]] = UNCERTAIN
-        rows["status"] = self.status[index]
+        self.status[index[uncertain]] = STATUSES.index(UNCERTAIN)
+        rows["status"] = self._names(index)
         rows["note"] = ["; ".join(n) for n in notes]
-        if sum(len(r) for r, _ in self.pending) >= self.chunk:
-            self.flush()
 
     def flush(self) -> None:
         if not self.pending:
@@ -230,11 +236,13 @@ class RowWriter(BasePredictionWriter):
         index = np.concatenate([i for _, i in self.pending])
         self.pending = []
         mode = "w" if self.first else "a"
-        if self.geometry is None:
+        if self.regions is None:
             rows.to_csv(self.tmp, mode=mode, header=self.first, index=False)
         else:
-            geometry = self.geometry.iloc[index].to_numpy()
-            frame = gpd.GeoDataFrame(rows, geometry=geometry, crs=self.geometry.crs)
+            lo = int(index.min())
+            layer = self.regions.layer_rows(lo, int(index.max()) + 1)
+            geometry = layer.geometry.to_numpy()[index - lo]
+            frame = gpd.GeoDataFrame(rows, geometry=geometry, crs=layer.crs)
             frame.to_file(self.tmp, layer="predictions", driver="GPKG", mode=mode)
         self.first = False
 
@@ -248,14 +256,15 @@ class Prediction:
 
     output: Path
     pred: np.ndarray  # (N,) class index, -1 where skipped
-    status: np.ndarray  # (N,) str
+    status: np.ndarray  # (N,) code in STATUSES
     metrics: dict[str, float] = field(default_factory=dict)
     map: Path | None = None  # the PNG map of a regions run
-    web_map: Path | None = None  # its interactive HTML map
+    web_map: Path | None = None  # its interactive HTML map (None: too many regions to draw)
 
     def counts(self) -> dict[str, int]:
-        values, counts = np.unique(self.status, return_counts=True)
-        return dict(zip(values.tolist(), counts.tolist(), strict=True))
+        """Rows per status."""
+        counts = np.bincount(self.status, minlength=len(STATUSES))
+        return {name: int(c) for name, c in zip(STATUSES, counts, strict=True) if c}
 
 
 def check_output(output: str | os.PathLike[str], regions: bool) -> Path:
@@ -334,55 +343,68 @@ def predict(
                 field="coverage",
             )
         thresholds = task.conformal.thresholds(coverage)
-    geometry = raster.frame.geometry if output.suffix.lower() == ".gpkg" else None
+    regions = raster if output.suffix.lower() == ".gpkg" else None
     classes = tuple(task.classes)
+    keep_logits = raster is None and data.labels is not None
     with atomic_path(output) as tmp:
         writer = RowWriter(
-            tmp, data.describe(), classes, geometry, thresholds=thresholds,
-            flags=_flags(task, flag_rate, max_set_size),
+            tmp, data.describe, len(data.samples), classes, regions, chunk=CHUNK,
+            thresholds=thresholds,
+            flags=_flags(task, flag_rate, max_set_size), keep_logits=keep_logits,
         )  # fmt: skip
         trainer = L.Trainer(
             **accelerator, precision=speed.precision, logger=False,
             enable_checkpointing=False, enable_model_summary=False, callbacks=[writer],
         )  # fmt: skip
         trainer.predict(task, datamodule=data, return_predictions=False)
-    result = Prediction(output=output, pred=writer.pred, status=writer.status.astype(str))
+    result = Prediction(output=output, pred=writer.pred, status=writer.status)
     if raster is not None:
-        regions = raster.frame[[raster.id_column, "geometry"]].copy()
-        regions["pred"] = [classes[p] if p >= 0 else "" for p in writer.pred]
-        regions["status"] = writer.status
-        contract = data.contract
-        result.map = plot_prediction_map(
-            raster.raster_path,
-            regions,
-            classes,
-            output.with_suffix(".png"),
-            rgb_bands=contract.bands[:3] if contract.bands else None,
-            nodata=contract.nodata,
-            title=f"{output.name}: predicted classes",
-        )
-        result.web_map = write_web_map(
-            raster.raster_path,
-            _written_regions(output, raster.frame),
-            classes,
-            output.with_suffix(".html"),
-            id_column=raster.id_column,
-            rgb_bands=contract.bands[:3] if contract.bands else None,
-            nodata=contract.nodata,
-            title=f"{output.name}: predicted classes",
-        )
-    elif data.labels is not None:
+        result.map, result.web_map = _maps(output, raster, classes, data.contract)
+    elif writer.logits is not None:
         result.metrics = score(writer.logits, data.labels, writer.pred, task.temperature.item())
     return result
 
 
-def _written_regions(output: Path, frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """The rows just written, with their regions' geometry (a CSV's rows are in the regions'
-    order: the samples are predicted in order)."""
+def _maps(
+    output: Path, raster: RegionRaster, classes: tuple[str, ...], contract: DataContract
+) -> tuple[Path, Path | None]:
+    """The PNG and HTML maps of a regions run (:mod:`fusion.maps`, :mod:`fusion.webmap`), drawn
+    from the rows just written. Above :data:`MAP_REGIONS` regions the PNG's regions are
+    rasterised chunk by chunk and no HTML map is written (a page holding every polygon would be
+    too large for a browser; an older one of the same name is removed): the map's memory does
+    not grow with the regions."""
+    options = {
+        "rgb_bands": contract.bands[:3] if contract.bands else None,
+        "nodata": contract.nodata,
+        "title": f"{output.name}: predicted classes",
+    }
+    png, html = output.with_suffix(".png"), output.with_suffix(".html")
+    if len(raster) > MAP_REGIONS:
+        chunks = _written_regions(output, raster)
+        plot_class_raster(raster.raster_path, chunks, classes, png, **options)
+        html.unlink(missing_ok=True)
+        return png, None
+    regions = pd.concat(list(_written_regions(output, raster)), ignore_index=True)
+    plot_prediction_map(raster.raster_path, regions, classes, png, **options)
+    write_web_map(raster.raster_path, regions, classes, html, id_column=raster.id_column,
+                  **options)  # fmt: skip
+    return png, html
+
+
+def _written_regions(output: Path, raster: RegionRaster) -> Iterator[gpd.GeoDataFrame]:
+    """The rows just written with their regions' geometry, :data:`CHUNK` at a time (a CSV's
+    rows are in the regions' order: the samples are predicted in order)."""
     if output.suffix.lower() == ".gpkg":
-        return gpd.read_file(output, layer="predictions")
-    rows = pd.read_csv(output)
-    return gpd.GeoDataFrame(rows, geometry=frame.geometry.to_numpy(), crs=frame.crs)
+        for start in range(0, len(raster), CHUNK):
+            yield pyogrio.read_dataframe(
+                output, layer="predictions", skip_features=start, max_features=CHUNK
+            )
+        return
+    for start, rows in zip(
+        range(0, len(raster), CHUNK), pd.read_csv(output, chunksize=CHUNK), strict=True
+    ):
+        layer = raster.layer_rows(start, start + len(rows))
+        yield gpd.GeoDataFrame(rows, geometry=layer.geometry.to_numpy(), crs=layer.crs)
 
 
 def score(

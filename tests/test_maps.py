@@ -159,3 +159,36 @@ def test_regions_path_keeps_holes_and_multipolygons() -> None:
     plt.close(fig)
     assert pixels[90, 10] == 0  # shell filled (row 90 is y = 1)
     assert pixels[50, 50] == 255  # hole left empty
+
+
+def test_class_raster_burns_chunks_like_the_vector_map(
+    rgbn: Path, regions: gpd.GeoDataFrame
+) -> None:
+    regions["status"] = "image only"
+    regions.loc[regions.index[5:9], "status"] = "uncertain"
+    chunks = [regions.iloc[i : i + 50] for i in range(0, len(regions), 50)]  # 6 chunks
+    fig, ax = plt.subplots()
+    _, labels = maps.draw_class_raster(ax, rgbn, iter(chunks), CLASSES, rgb_bands=(3, 2, 1))
+    vector_fig, vector_ax = plt.subplots()
+    _, vector_labels = draw_prediction_map(vector_ax, rgbn, regions, CLASSES, rgb_bands=(3, 2, 1))
+    assert labels == vector_labels  # the same legend: classes, uncertain (4), skipped
+    assert "uncertain (4)" in labels
+    overlay = ax.get_images()[-1]
+    image = overlay.get_array()
+    left, right, bottom, top = overlay.get_extent()
+    colors = maps.class_colors(len(CLASSES))
+    for k in (20, 100, 200):  # a complete cell's centre has its class's colour
+        cell = regions.geometry.iloc[k].centroid
+        col = int((cell.x - left) / (right - left) * image.shape[1])
+        row = int((top - cell.y) / (top - bottom) * image.shape[0])
+        expected = colors[CLASSES.index(regions["pred"].iloc[k])]
+        np.testing.assert_allclose(image[row, col, :3], expected[:3], atol=1e-6)
+    uncertain = regions.geometry.iloc[6].bounds  # striped over its colour, as hatched vectors
+    cols = slice(int((uncertain[0] - left) / (right - left) * image.shape[1]) + 1,
+                 int((uncertain[2] - left) / (right - left) * image.shape[1]) - 1)  # fmt: skip
+    rows = slice(int((top - uncertain[3]) / (top - bottom) * image.shape[0]) + 1,
+                 int((top - uncertain[1]) / (top - bottom) * image.shape[0]) - 1)  # fmt: skip
+    dark = np.isclose(image[rows, cols, 0], 0.1)
+    assert 0.2 < dark.mean() < 0.5
+    plt.close(fig)
+    plt.close(vector_fig)

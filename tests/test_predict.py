@@ -18,6 +18,7 @@ from shapely.affinity import translate
 from shapely.geometry import Polygon
 from torch.utils.data import default_collate
 
+import fusion.predict as predict_module
 from fusion.cli import main
 from fusion.conformal import ConformalCalibration
 from fusion.data.contract import DataContract
@@ -456,3 +457,31 @@ def test_unfamiliar_tiles_and_large_sets_are_flagged_uncertain(
     layer = gpd.read_file(tmp_path / "r.gpkg")
     assert (layer["status"] == "uncertain").sum() == flagged
     assert layer.loc[layer["status"] == "uncertain", "pred"].notna().all()
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".csv"])
+def test_regions_streamed_in_chunks_write_what_one_chunk_writes(
+    model, geotiff: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    """Regions read 40 at a time and rows written 64 at a time give the rows, geometries and
+    sets of one pass; above MAP_REGIONS the PNG map is rasterised and no HTML map is left."""
+    task, inputs = model
+    whole = RegionSamples(geotiff / "rgbn.tif", geotiff / "regions.gpkg", rgb(inputs))
+    one = predict(task, PredictionDataModule(whole), tmp_path / f"one{suffix}", coverage=0.9)
+    streamed = RegionSamples(geotiff / "rgbn.tif", geotiff / "regions.gpkg", rgb(inputs))
+    streamed.raster.chunk = 40
+    monkeypatch.setattr(predict_module, "CHUNK", 64)  # the maps read the rows back 64 at a time
+    monkeypatch.setattr(predict_module, "MAP_REGIONS", 100)
+    stale = tmp_path / "many.html"
+    stale.write_text("an older run's map")
+    data = PredictionDataModule(streamed, batch_size=24)
+    many = predict(task, data, tmp_path / f"many{suffix}", coverage=0.9)
+    read = gpd.read_file if suffix == ".gpkg" else pd.read_csv
+    first, second = read(one.output), read(many.output)
+    assert len(second) == 252 and "pred_set" in second.columns
+    pd.testing.assert_frame_equal(pd.DataFrame(first), pd.DataFrame(second))
+    np.testing.assert_array_equal(one.pred, many.pred)
+    assert one.counts() == many.counts() and sum(many.counts().values()) == 252
+    assert one.web_map is not None and many.web_map is None and not stale.exists()
+    with Image.open(many.map) as image:
+        assert image.size[0] > 300

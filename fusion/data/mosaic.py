@@ -1,8 +1,8 @@
 """Tiles cut from one large GeoTIFF along region polygons (one tile per region).
 
 A region whose geometry is missing, empty or has no area (a point, a line, a polygon collapsed
-to a line) cannot be read: it gets a note in :attr:`RegionRaster.problems` and area 0 in
-:attr:`RegionRaster.areas`, and ``read`` raises an :class:`InputError` with that note. An invalid
+to a line) cannot be read: it gets a note in its :class:`RegionChunk`'s ``problems`` and area 0
+in its ``areas``, and ``read`` raises an :class:`InputError` with that note. An invalid
 polygon (e.g. a self-intersecting "bow-tie") is repaired with shapely's ``make_valid``; it is read
 as repaired and keeps a note.
 """
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyogrio
 import shapely
 from affine import Affine
@@ -30,12 +32,12 @@ from fusion.errors import InputError, InputErrors
 _POLYGON_TYPES = frozenset({"Polygon", "MultiPolygon"})
 
 
-def _read_regions(path: Path, layer: str | None) -> gpd.GeoDataFrame:
-    """The region layer of a vector file (GeoPackage, shapefile, GeoJSON ...).
+CHUNK = 8192  # regions read from the layer at a time
 
-    A file with several layers needs ``layer``; an unknown ``layer`` or a layer without features
-    is an error.
-    """
+
+def _layer_name(path: Path, layer: str | None) -> str:
+    """The region layer of a vector file (GeoPackage, shapefile, GeoJSON ...): ``layer``, or the
+    only one. A file with several layers needs ``layer``; an unknown ``layer`` is an error."""
     if not path.exists():
         raise InputError("file not found", file=path)
     try:
@@ -52,16 +54,23 @@ def _read_regions(path: Path, layer: str | None) -> gpd.GeoDataFrame:
         )
     if layer is not None and layer not in layers:
         raise InputError(f"no layer '{layer}' in the file (layers: {shown})", file=path)
+    if not layers:
+        raise InputError("cannot read regions: the file holds no layer", file=path)
+    return layer or layers[0]
+
+
+def _layer_info(path: Path, layer: str) -> dict[str, Any]:
+    """pyogrio's description of a region layer (fields, CRS, feature count), which must have
+    polygon geometries and at least one feature."""
     try:
-        regions = gpd.read_file(path, layer=layer)
+        info = pyogrio.read_info(path, layer=layer, force_feature_count=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise InputError(f"cannot read regions: {exc}", file=path) from exc
-    if not isinstance(regions, gpd.GeoDataFrame):
+    if info["geometry_type"] is None:
         raise InputError("the layer has no geometries (region polygons expected)", file=path)
-    if len(regions) == 0:
-        name = f"layer '{layer or layers[0]}'" if layers else "layer"
-        raise InputError(f"the {name} has no features (no regions to read)", file=path)
-    return regions
+    if info["features"] <= 0:
+        raise InputError(f"the layer '{layer}' has no features (no regions to read)", file=path)
+    return info
 
 
 def _polygonal(geometry: Any) -> tuple[Any, str]:
@@ -96,13 +105,34 @@ def _snap(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return start, stop
 
 
-class RegionRaster:
-    """A large raster read one region at a time.
+@dataclass(frozen=True)
+class RegionChunk:
+    """Regions ``start .. start + len(ids) - 1`` of a layer, placed on the raster."""
 
-    The polygons are reprojected to the raster's CRS; region ``i`` is read over its bounding box
-    snapped to whole pixels, and pixels outside the raster, outside the polygon or nodata are
-    invalid. The raster is opened lazily once per process, so the object can go to DataLoader
-    workers.
+    start: int
+    ids: list[Any]
+    geometries: list[Any]  # (n,) polygons in the raster CRS, repaired; degenerate ones as read
+    problems: list[str]  # (n,) "" when fine, else a note (degenerate, or repaired)
+    areas: np.ndarray  # (n,) area pixels are taken from (raster CRS units); 0 where degenerate
+    readable: np.ndarray  # (n,) bool: a polygon with area to read
+    rows: np.ndarray  # (n, 2) int: [start, stop) pixel rows of the bounding box
+    cols: np.ndarray  # (n, 2) int: [start, stop) pixel columns
+    outside: np.ndarray  # (n,) bool: the window misses the raster entirely
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class RegionRaster:
+    """A large raster read one region at a time, the regions streamed from their file.
+
+    The layer is read ``chunk`` regions at a time (pyogrio's ``skip_features`` /
+    ``max_features``): once when opened, to check the ids (present, unique) and that some region
+    lies on the raster, then chunk by chunk as regions are read (one chunk held per process), so
+    memory does not grow with the number of regions. The polygons are reprojected to the
+    raster's CRS; region ``i`` is read over its bounding box snapped to whole pixels, and pixels
+    outside the raster, outside the polygon or nodata are invalid. The raster is opened lazily
+    once per process, so the object can go to DataLoader workers.
     """
 
     def __init__(
@@ -114,11 +144,13 @@ class RegionRaster:
         layer: str | None = None,
         bands: Sequence[int] | None = None,
         nodata: float | None = None,
+        chunk: int = CHUNK,
     ) -> None:
         self.raster_path = Path(raster_path)
         self.regions_path = Path(regions_path)
         self.id_column = id_column
         self.nodata = nodata
+        self.chunk = chunk
         if not self.raster_path.exists():
             raise InputError("file not found", file=self.raster_path)
         with open_raster(self.raster_path) as src:
@@ -133,70 +165,124 @@ class RegionRaster:
             )
         self.crs: str = raster_crs.to_string()
 
-        regions = _read_regions(self.regions_path, layer).reset_index(drop=True)
-        self.ids: list[Any] = self._check_ids(regions)
-        # The layer as read (its own CRS and attributes), for outputs that keep the regions.
-        self.frame: gpd.GeoDataFrame = regions
-        if regions.crs is None:
+        self.layer = _layer_name(self.regions_path, layer)
+        info = _layer_info(self.regions_path, self.layer)
+        self.columns: list[str] = [str(c) for c in info["fields"]]  # the layer's attributes
+        if id_column not in self.columns:
+            raise InputError(
+                f"no id column '{id_column}' (columns: {', '.join(self.columns)})",
+                file=self.regions_path, field=id_column,
+            )  # fmt: skip
+        if info["crs"] is None:
             raise InputError(
                 "regions have no CRS (cannot place them on the raster)", file=regions_path
             )
-        projected = regions.geometry.to_crs(raster_crs).reset_index(drop=True)
-        parts, notes = zip(*(_polygonal(g) for g in projected), strict=True)
-        # Per region: "" when fine, else a note (a degenerate geometry, or a repaired one).
-        self.problems: list[str] = list(notes)
-        self._readable = np.array([part is not None for part in parts], dtype=bool)
-        # In the raster CRS, invalid polygons repaired (degenerate ones left as they were).
-        self.geometries: gpd.GeoSeries = gpd.GeoSeries(
-            [g if part is None else part for g, part in zip(projected, parts, strict=True)],
-            crs=raster_crs,
-        )
-        # Area each region's pixels are taken from (raster CRS units); 0 where degenerate.
-        self.areas: np.ndarray = np.array([0.0 if g is None else g.area for g in parts])
-        self._check_usable()
-        self._rows, self._cols = self._windows()
-        self._outside = self._outside_mask()
+        self.layer_crs: str = str(info["crs"])  # the regions' own CRS
+        self._count = int(info["features"])
+        self._cached: RegionChunk | None = None
+        self._scan()
         self._src: DatasetReader | None = None
         self._pid: int | None = None
 
-    def _where(self, i: int) -> str:
-        return f"{self.id_column}={self.ids[i]}"
+    def _where(self, region_id: Any) -> str:
+        return f"{self.id_column}={region_id}"
 
-    def _check_ids(self, regions: gpd.GeoDataFrame) -> list[Any]:
-        """Region ids from ``id_column``: present, not missing, unique."""
-        file, col = self.regions_path, self.id_column
-        if col not in regions.columns:
-            known = ", ".join(str(c) for c in regions.columns if c != regions.geometry.name)
-            raise InputError(f"no id column '{col}' (columns: {known})", file=file, field=col)
-        ids = regions[col]
-        if ids.isna().any():
-            raise InputError(f"{int(ids.isna().sum())} regions have no id", file=file, field=col)
-        dup = ids[ids.duplicated()].unique().tolist()
-        if dup:
-            shown = ", ".join(str(d) for d in dup[:10])
-            raise InputError(f"duplicate region ids: {shown}", file=file, field=col)
-        return ids.tolist()
+    def layer_rows(self, start: int, stop: int) -> gpd.GeoDataFrame:
+        """Regions ``start .. stop - 1`` as the layer holds them (own CRS, all attributes):
+        what outputs that keep the regions write."""
+        try:
+            return pyogrio.read_dataframe(
+                self.regions_path, layer=self.layer, skip_features=start,
+                max_features=stop - start,
+            )  # fmt: skip
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise InputError(f"cannot read regions: {exc}", file=self.regions_path) from exc
 
-    def _check_usable(self) -> None:
-        """At least one region must have a polygon to read."""
-        if self._readable.any():
-            return
-        raise InputErrors(
-            InputError(note, file=self.regions_path, where=self._where(i))
-            for i, note in enumerate(self.problems)
+    def column(self, name: str) -> pd.Series:
+        """One attribute column of the layer, whole (e.g. the key series are joined by)."""
+        frame = pyogrio.read_dataframe(
+            self.regions_path, layer=self.layer, columns=[name], read_geometry=False
         )
+        return frame[name]
 
-    def _windows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per region ``[start, stop)`` pixel rows and columns, each ``(N, 2)`` int."""
-        b = np.where(self._readable[:, None], self.geometries.bounds.to_numpy(), 0.0)
+    def _place(self, start: int) -> RegionChunk:
+        """The chunk of regions from ``start`` on, reprojected, repaired and windowed."""
+        frame = self.layer_rows(start, min(start + self.chunk, self._count))
+        ids = frame[self.id_column]
+        projected = frame.geometry.to_crs(self.crs)
+        parts, notes = zip(*(_polygonal(g) for g in projected), strict=True)
+        readable = np.array([part is not None for part in parts], dtype=bool)
+        bounds = shapely.bounds(np.array(parts, dtype=object))
+        b = np.where(readable[:, None], np.nan_to_num(bounds), 0.0)
         xs, ys = b[:, [0, 2, 0, 2]], b[:, [1, 1, 3, 3]]
         cols, rows = ~self._transform @ (xs, ys)
         rows = np.stack(_snap(rows.min(axis=1), rows.max(axis=1)), axis=1)
         cols = np.stack(_snap(cols.min(axis=1), cols.max(axis=1)), axis=1)
-        return rows, cols
+        height, width = self._shape
+        outside = readable & (
+            (rows[:, 1] <= 0) | (rows[:, 0] >= height) | (cols[:, 1] <= 0) | (cols[:, 0] >= width)
+        )
+        kept = [g if part is None else part for g, part in zip(projected, parts, strict=True)]
+        return RegionChunk(
+            start=start,
+            ids=ids.tolist(),
+            geometries=kept,
+            problems=list(notes),
+            areas=np.array([0.0 if g is None else g.area for g in parts]),
+            readable=readable, rows=rows, cols=cols, outside=outside,
+        )  # fmt: skip
+
+    def _scan(self) -> None:
+        """Read the layer once, a chunk at a time: ids present and unique, and the degenerate
+        regions and those outside the raster listed (at least one region must be readable)."""
+        hashes, missing = [], 0
+        degenerate: list[tuple[Any, str]] = []
+        outside: list[Any] = []
+        for start in range(0, self._count, self.chunk):
+            part = self._place(start)
+            ids = pd.Series(part.ids, dtype=object)
+            missing += int(ids.isna().sum())
+            hashes.append(pd.util.hash_array(ids.astype(str).to_numpy(dtype=object)))
+            degenerate += [(part.ids[i], part.problems[i]) for i in np.flatnonzero(~part.readable)]
+            outside += [part.ids[i] for i in np.flatnonzero(part.outside)]
+        file, col = self.regions_path, self.id_column
+        if missing:
+            raise InputError(f"{missing} regions have no id", file=file, field=col)
+        everything = np.concatenate(hashes)
+        if len(np.unique(everything)) < len(everything):
+            ids = self.column(self.id_column)
+            dup = ids[ids.duplicated()].unique().tolist()
+            shown = ", ".join(str(d) for d in dup[:10])
+            raise InputError(f"duplicate region ids: {shown}", file=file, field=col)
+        if len(degenerate) == self._count:
+            raise InputErrors(
+                InputError(note, file=file, where=self._where(region_id))
+                for region_id, note in degenerate
+            )
+        self._degenerate = [region_id for region_id, _ in degenerate]
+        self._outside_ids = outside
+
+    def region(self, i: int) -> tuple[RegionChunk, int]:
+        """The chunk holding region ``i`` (position, not id) and ``i``'s place in it; a
+        process keeps the last chunk it read."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"region index {i} out of range for {len(self)} regions")
+        i %= len(self)
+        part = self._cached
+        if part is None or not part.start <= i < part.start + len(part):
+            part = self._cached = self._place(i - i % self.chunk)
+        return part, i - part.start
+
+    def region_ids(self, index: Sequence[int]) -> list[Any]:
+        """The ids of the regions at positions ``index``."""
+        out = []
+        for i in index:
+            part, j = self.region(int(i))
+            out.append(part.ids[j])
+        return out
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._count
 
     @property
     def pixel_area(self) -> float:
@@ -210,7 +296,7 @@ class RegionRaster:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_src"], state["_pid"] = None, None
+        state["_src"], state["_pid"], state["_cached"] = None, None, None
         return state
 
     def _dataset(self) -> DatasetReader:
@@ -226,55 +312,44 @@ class RegionRaster:
             self._src.close()
         self._src, self._pid = None, None
 
-    def _outside_mask(self) -> np.ndarray:
-        """``(N,)`` bool: True for regions whose pixel window misses the raster entirely."""
-        height, width = self._shape
-        rows, cols = self._rows, self._cols
-        return self._readable & (
-            (rows[:, 1] <= 0) | (rows[:, 0] >= height) | (cols[:, 1] <= 0) | (cols[:, 0] >= width)
-        )
-
     def outside(self) -> list[Any]:
         """Ids of the regions that lie entirely outside the raster (degenerate ones aside)."""
-        return [self.ids[i] for i in np.flatnonzero(self._outside)]
+        return list(self._outside_ids)
 
     def degenerate(self) -> list[Any]:
         """Ids of the regions that cannot be read for their geometry (see ``problems``)."""
-        return [self.ids[i] for i in np.flatnonzero(~self._readable)]
+        return list(self._degenerate)
 
     def read(self, i: int) -> Tile:
         """Region ``i`` (position, not id) as a ``Tile`` over its pixel bounding box."""
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"region index {i} out of range for {len(self)} regions")
-        i %= len(self)
-        if not self._readable[i]:
-            raise InputError(self.problems[i], file=self.regions_path, where=self._where(i))
-        (row0, row1), (col0, col1) = self._rows[i], self._cols[i]
-        if self._outside[i]:
+        part, j = self.region(i)
+        where = self._where(part.ids[j])
+        if not part.readable[j]:
+            raise InputError(part.problems[j], file=self.regions_path, where=where)
+        (row0, row1), (col0, col1) = part.rows[j], part.cols[j]
+        if part.outside[j]:
             raise InputError(
                 f"region lies entirely outside the raster {self.raster_path}",
                 file=self.regions_path,
-                where=self._where(i),
+                where=where,
             )
         height, width = self._shape
         r0, r1, c0, c1 = max(row0, 0), min(row1, height), max(col0, 0), min(col1, width)
         inner = Window(c0, r0, c1 - c0, r1 - r0)
-        part, part_valid = read_bands(
+        data_part, part_valid = read_bands(
             self._dataset(), self._indexes, nodata=self.nodata, window=inner
         )
         h, w = int(row1 - row0), int(col1 - col0)
         data = np.zeros((len(self._indexes), h, w), dtype=np.float32)
         valid = np.zeros((h, w), dtype=bool)
-        data[:, r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = part
+        data[:, r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = data_part
         valid[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = part_valid
         valid &= geometry_mask(
-            [self.geometries.iloc[i]],
+            [part.geometries[j]],
             out_shape=(h, w),
             transform=self._transform @ Affine.translation(col0, row0),
             invert=True,
         )
         if not valid.any():
-            raise InputError("all pixels are nodata", file=self.raster_path, where=self._where(i))
-        return Tile(
-            data=data, valid=valid, crs=self.crs, source=f"{self.raster_path} ({self._where(i)})"
-        )
+            raise InputError("all pixels are nodata", file=self.raster_path, where=where)
+        return Tile(data=data, valid=valid, crs=self.crs, source=f"{self.raster_path} ({where})")

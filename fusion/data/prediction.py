@@ -213,10 +213,11 @@ class ManifestSamples(Dataset[Sample]):
         label = -1 if self.labels is None else int(self.labels[i])
         return _sample(i, tile, share, series, self.contract, note, self.min_valid, label)
 
-    def describe(self) -> pd.DataFrame:
-        """The columns every output row starts with."""
+    def describe(self, index: np.ndarray) -> pd.DataFrame:
+        """The columns the output rows of samples ``index`` start with."""
+        rows = self.frame.iloc[index]
         columns = ["sample_id", "image", self.contract.key_column]
-        return self.frame[columns].assign(line=self.frame[LINE])
+        return rows[columns].assign(line=rows[LINE]).reset_index(drop=True)
 
 
 class RegionSamples(Dataset[Sample]):
@@ -263,7 +264,7 @@ class RegionSamples(Dataset[Sample]):
         if unreadable == len(self.raster):
             raise InputError(
                 f"no region overlaps the raster {path} ({self.raster.crs}); the regions' CRS "
-                f"is {self.raster.frame.crs.to_string()}: check that the layer's CRS is the one "
+                f"is {self.raster.layer_crs}: check that the layer's CRS is the one "
                 "its coordinates are in",
                 file=self.raster.regions_path,
             )
@@ -271,9 +272,8 @@ class RegionSamples(Dataset[Sample]):
         self.start: pd.Timestamp | None = None
         keys: list[str] = []
         if series is not None:
-            frame = self.raster.frame
             key = key or contract.key_column
-            if key not in frame.columns:
+            if key not in self.raster.columns:
                 raise InputError(
                     f"no column '{key}' to join series by (--key)",
                     file=self.raster.regions_path,
@@ -287,7 +287,7 @@ class RegionSamples(Dataset[Sample]):
                     field="hours",
                 )
             self.start = parse_start(start, timezone=zone)
-            keys = ["" if pd.isna(k) else str(k) for k in frame[key]]
+            keys = ["" if pd.isna(k) else str(k) for k in self.raster.column(key)]
         self.keys = keys or [""] * len(self.raster)
         self.series, self.series_notes = _series_windows(
             Path(series) if series else None, contract, zone, self.keys,
@@ -299,20 +299,21 @@ class RegionSamples(Dataset[Sample]):
 
     def __getitem__(self, i: int) -> Sample:
         tile, share = None, float("nan")
-        note = self.raster.problems[i]  # e.g. a self-intersecting polygon, repaired
+        part, j = self.raster.region(i)
+        note = part.problems[j]  # e.g. a self-intersecting polygon, repaired
         try:
             tile = self.raster.read(i)
         except InputError as err:
             note = err.message  # outside the raster, a degenerate geometry, only nodata pixels
         else:  # read refuses regions without area
-            area = self.raster.areas[i]
+            area = part.areas[j]
             share = min(float(tile.valid.sum() * self.raster.pixel_area / area), 1.0)
         series = _series(self.series, self.series_notes, i, self.contract)
         return _sample(i, tile, share, series, self.contract, note, self.min_valid)
 
-    def describe(self) -> pd.DataFrame:
-        """The columns every output row starts with."""
-        return pd.DataFrame({self.id_column: self.raster.ids})
+    def describe(self, index: np.ndarray) -> pd.DataFrame:
+        """The columns the output rows of samples ``index`` start with."""
+        return pd.DataFrame({self.id_column: self.raster.region_ids(index)})
 
 
 class PredictionDataModule(L.LightningDataModule):
@@ -343,8 +344,9 @@ class PredictionDataModule(L.LightningDataModule):
         """Class index of each sample (-1 unlabelled), or None without labels."""
         return self.samples.labels
 
-    def describe(self) -> pd.DataFrame:
-        return self.samples.describe()
+    def describe(self, index: np.ndarray) -> pd.DataFrame:
+        """The id columns of samples ``index``' output rows."""
+        return self.samples.describe(index)
 
     def regions(self) -> Any:
         """The region layer of a raster run (None for a manifest)."""

@@ -57,10 +57,11 @@ def write_regions(path: Path, frame: gpd.GeoDataFrame) -> Path:
 
 def test_rgbn_grid_basics(rgbn: RegionRaster, grid: gpd.GeoDataFrame) -> None:
     assert len(rgbn) == 252
-    assert rgbn.ids == grid["region_id"].tolist()
+    assert rgbn.region_ids(range(252)) == grid["region_id"].tolist()
     assert rgbn.crs == "EPSG:32618"
     assert rgbn.outside() == []
-    assert len(rgbn.geometries) == 252 and rgbn.geometries.crs == "EPSG:32618"
+    part, j = rgbn.region(251)
+    assert len(part) == 252 and j == 251 and part.start == 0
 
 
 def test_complete_cell_equals_direct_read(rgbn: RegionRaster, grid: gpd.GeoDataFrame) -> None:
@@ -249,8 +250,9 @@ def test_degenerate_regions_are_flagged_not_divided_by(tiny_raster: Path, tmp_pa
     ]
     frame = gpd.GeoDataFrame({"region_id": list(range(1, 7))}, geometry=geometries, crs=CRS)
     regions = RegionRaster(tiny_raster, write_regions(tmp_path / "odd.gpkg", frame))
+    part, _ = regions.region(0)
     assert BOW_TIE.area == 0  # what dividing by the drawn area would have met
-    assert regions.problems == [
+    assert part.problems == [
         "",
         "invalid geometry (self-intersection), repaired with make_valid",
         "zero-area geometry (a LineString, expected a polygon)",
@@ -258,11 +260,11 @@ def test_degenerate_regions_are_flagged_not_divided_by(tiny_raster: Path, tmp_pa
         "empty geometry",
         "no geometry",
     ]
-    np.testing.assert_allclose(regions.areas, [36, 32, 0, 0, 0, 0])
+    np.testing.assert_allclose(part.areas, [36, 32, 0, 0, 0, 0])
     assert regions.degenerate() == [3, 4, 5, 6] and regions.outside() == []
     assert regions.read(0).valid.sum() == 36
     bow = regions.read(1)  # read along the repaired polygon
-    share = bow.valid.sum() * regions.pixel_area / regions.areas[1]
+    share = bow.valid.sum() * regions.pixel_area / part.areas[1]
     assert 0.5 < share <= 1.25 and bow.valid.sum() < bow.valid.size
     for i, note in [(2, "zero-area"), (3, "zero-area"), (4, "empty geometry"), (5, "no geometry")]:
         with pytest.raises(InputError, match=note) as exc:
@@ -270,7 +272,7 @@ def test_degenerate_regions_are_flagged_not_divided_by(tiny_raster: Path, tmp_pa
         assert exc.value.where == f"region_id={i + 1}" and exc.value.file == str(
             regions.regions_path
         )
-    assert len(regions.frame) == 6  # the layer as read is kept whole for outputs
+    assert len(regions.layer_rows(0, 6)) == 6  # the layer as read, for outputs
 
 
 def test_only_degenerate_regions_raise(tiny_raster: Path, tmp_path: Path) -> None:
@@ -297,7 +299,7 @@ def test_several_layers_need_a_layer(tiny_raster: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no layer 'parcels'") as exc:
         RegionRaster(tiny_raster, path, layer="parcels")
     assert "'blocks'" in str(exc.value) and "'roads'" in str(exc.value)
-    assert RegionRaster(tiny_raster, path, layer="blocks").ids == [1, 2]
+    assert RegionRaster(tiny_raster, path, layer="blocks").region_ids([0, 1]) == [1, 2]
 
 
 def test_layer_without_features(tiny_raster: Path, tmp_path: Path) -> None:
@@ -306,3 +308,28 @@ def test_layer_without_features(tiny_raster: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="layer 'regions' has no features") as exc:
         RegionRaster(tiny_raster, path)
     assert exc.value.file == str(path)
+
+
+def test_regions_streamed_in_chunks_read_as_one(
+    rgbn: RegionRaster, grid: gpd.GeoDataFrame, tmp_path: Path
+) -> None:
+    small = RegionRaster(RGBN, REGIONS, chunk=50)  # 252 regions: 6 chunks, the last of 2
+    assert len(small) == 252 and small.region_ids([0, 49, 50, 251]) == [0, 49, 50, 251]
+    for i in (0, 49, 50, 130, 251):
+        np.testing.assert_array_equal(small.read(i).data, rgbn.read(i).data)
+        np.testing.assert_array_equal(small.read(i).valid, rgbn.read(i).valid)
+        part, j = small.region(i)
+        assert part.start == 50 * (i // 50) and j == i % 50 and len(part) <= 50
+    assert len(small.region(251)[0]) == 2
+
+    dup = grid.copy()
+    dup.loc[dup.index[200], "region_id"] = 3  # a duplicate of a region three chunks earlier
+    path = write_regions(tmp_path / "dup.gpkg", dup)
+    with pytest.raises(InputError, match="duplicate region ids: 3"):
+        RegionRaster(RGBN, path, chunk=50)
+    far = grid.copy()
+    far.loc[far.index[230], "geometry"] = box(900000, 2050000, 900150, 2050150)
+    far.loc[far.index[5], "geometry"] = LineString([(0, 0), (5, 5)])
+    path = write_regions(tmp_path / "far.gpkg", far)
+    streamed = RegionRaster(RGBN, path, chunk=50)
+    assert streamed.outside() == [230] and streamed.degenerate() == [5]
