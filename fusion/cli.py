@@ -175,7 +175,7 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from fusion.data.prediction import ManifestSamples, PredictionDataModule, RegionSamples
     from fusion.io import atomic_path, check_replaceable
-    from fusion.predict import check_output, load_model, predict
+    from fusion.predict import MAP_REGIONS, check_output, load_model, predict
 
     if (args.manifest is None) == (args.raster is None):
         parser.error("predict needs either --manifest or --raster with --regions")
@@ -224,6 +224,9 @@ def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"wrote {result.output} ({len(result.pred)} rows; {counts})")
     if result.map is not None:
         print(f"wrote {result.map}")
+        if result.web_map is None:
+            print(f"no HTML map: more than {MAP_REGIONS:,} regions are too many for a browser "
+                  f"page (the PNG map is rasterised); open {result.output} in QGIS")  # fmt: skip
     if result.web_map is not None:
         print(f"wrote {result.web_map}")
     if result.metrics:

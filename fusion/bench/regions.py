@@ -122,7 +122,7 @@ def measure_predict(
 
 def run_regions_bench(
     output: Path, scene: Path, work: Path, *, counts: Sequence[int] = (100_000, 1_000_000),
-    tiles: int = 4, cachemax: Sequence[str | None] = (None, "5%"),
+    tiles: int = 20, cachemax: Sequence[str] = ("5%",),
 ) -> pd.DataFrame:  # fmt: skip
     """Measure every count with ``fusion predict``'s GDAL cache, and the smallest also with each
     ``cachemax`` (module docstring); write ``regions.csv`` and ``regions.md`` to ``output``."""

@@ -1,6 +1,8 @@
 """Speed against accuracy of the frozen ViT's inference options (:mod:`fusion.speed`).
 
-For each setting (``exact``, ``int8``, ``bf16``, ``tome16``, ``tome16+int8`` ...):
+For each setting (``exact``, ``int8``, ``bf16``, ``tome16``, ``tome16+int8`` ...; with
+``px<N>``, e.g. ``px168+bf16``, the models are the config's trained on ``N`` px tiles, fewer ViT
+tokens, on the same folds: :func:`bench_setting`):
 
 - **Accuracy**: macro-F1 on held-out places. A place-grouped K-fold split of the benchmark (the
   split of ``fusion compare``'s repeat 0) trains one model per fold (the config's, stage 1,
@@ -94,6 +96,18 @@ def fold_models(
     return out
 
 
+def bench_setting(name: str) -> tuple[int | None, Speed]:
+    """A bench setting: prediction options (:func:`~fusion.speed.parse_speed`), optionally with
+    ``px<N>`` (``px154+bf16``): fold models trained on ``N`` px tiles instead of the config's
+    (a model setting, not a prediction option: those models are trained for it)."""
+    parts = name.split("+")
+    sizes = [int(p[2:]) for p in parts if p.startswith("px") and p[2:].isdigit()]
+    if len(sizes) > 1:
+        raise ValueError(f"more than one tile size in '{name}'")
+    rest = "+".join(p for p in parts if not (p.startswith("px") and p[2:].isdigit()))
+    return (sizes[0] if sizes else None), parse_speed(rest or "exact")
+
+
 def _predict(
     task: object,
     contract: object,
@@ -154,18 +168,25 @@ def run_speed_bench(
 ) -> pd.DataFrame:  # fmt: skip
     """Measure every setting (see the module docstring); write ``speed.csv``, ``speed.md`` and
     ``speed.png`` to ``output``."""
-    speeds = {name: parse_speed(name) for name in settings}
+    speeds = {name: bench_setting(name) for name in settings}
     if "exact" not in speeds:
-        speeds = {"exact": parse_speed("exact"), **speeds}
-    models = fold_models(configs, folds, work, overrides)
+        speeds = {"exact": bench_setting("exact"), **speeds}
+    models = {None: fold_models(configs, folds, work, overrides)}
+    for size in sorted({size for size, _ in speeds.values() if size is not None}):
+        models[size] = fold_models(
+            configs, folds, work / f"px{size}", [*overrides, "--data.image_size", str(size)]
+        )
     with torch_threads(threads):
         scores = {}
-        for name, speed in speeds.items():
+        for name, (size, speed) in speeds.items():
             start = time.perf_counter()
-            scores[name] = held_out_scores(models, speed, series, device, work / "predictions")
+            scores[name] = held_out_scores(
+                models[size], speed, series, device, work / "predictions"
+            )
             print(f"{name}: macro-F1 {scores[name]['macro_f1']:.4f} on {scores[name]['rows']} "
                   f"held-out rows ({time.perf_counter() - start:.0f} s)")  # fmt: skip
-        seconds = _interleaved(models[0], speeds, series, device, rows, rounds)
+        firsts = {size: fold[0] for size, fold in models.items()}
+        seconds = _interleaved(firsts, speeds, series, device, rows, rounds)
     frame = _table(speeds, scores, seconds, rows)
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "speed.csv") as tmp:
@@ -177,14 +198,16 @@ def run_speed_bench(
 
 
 def _interleaved(
-    model: FoldModel, speeds: dict[str, Speed], series: Path, device: str, rows: int, rounds: int
-) -> dict[str, list[float]]:
-    """Seconds per round of the bare ViT and of each setting's predict path on ``rows`` rows;
-    one untimed call each first (a compiled setting compiles there)."""
-    image_size, batches = _tiles(model, series, rows)
+    models: dict[int | None, FoldModel], speeds: dict[str, tuple[int | None, Speed]],
+    series: Path, device: str, rows: int, rounds: int,
+) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds per round of the bare ViT (at the config's tile size) and of each setting's
+    predict path (its fold-0 model) on the same ``rows`` rows; one untimed call each first (a
+    compiled setting compiles there)."""
+    image_size, batches = _tiles(models[None], series, rows)
     vit = timm_floor(image_size).to(device)
-    manifest = model.held_out.with_name(f"first{rows}.csv")
-    pd.read_csv(model.held_out).head(rows).to_csv(manifest, index=False)
+    manifest = models[None].held_out.with_name(f"first{rows}.csv")
+    pd.read_csv(models[None].held_out).head(rows).to_csv(manifest, index=False)
 
     def bare() -> None:
         with torch.inference_mode():
@@ -200,10 +223,11 @@ def _interleaved(
                     start = time.perf_counter()
                     bare()
                 else:
-                    task, contract = load_model(model.ckpt)
-                    apply_speed(task.net, speeds[name], "cpu" if device == "cpu" else "gpu")
+                    size, speed = speeds[name]
+                    task, contract = load_model(models[size].ckpt)
+                    apply_speed(task.net, speed, "cpu" if device == "cpu" else "gpu")
                     start = time.perf_counter()
-                    _predict(task, contract, manifest, speeds[name], series, device,
+                    _predict(task, contract, manifest, speed, series, device,
                              Path(tmp) / "p.csv")  # fmt: skip
                 if timed:
                     times[name].append(time.perf_counter() - start)
@@ -211,15 +235,16 @@ def _interleaved(
 
 
 def _table(
-    speeds: dict[str, Speed], scores: dict[str, dict[str, float]],
+    speeds: dict[str, tuple[int | None, Speed]], scores: dict[str, dict[str, float]],
     seconds: dict[str, list[float]], rows: int,
 ) -> pd.DataFrame:  # fmt: skip
     rate = {name: rows / statistics.median(times) for name, times in seconds.items()}
     records = [{"setting": "timm_vit", "samples_per_s": rate["timm_vit"]}]
-    for name, speed in speeds.items():
+    for name, (size, speed) in speeds.items():
         records.append({
-            "setting": name, "merge": speed.merge, "int8": speed.int8, "bf16": speed.bf16,
-            "compile": speed.compile, "samples_per_s": rate[name], **scores[name],
+            "setting": name, "image_size": size, "merge": speed.merge, "int8": speed.int8,
+            "bf16": speed.bf16, "compile": speed.compile, "samples_per_s": rate[name],
+            **scores[name],
         })  # fmt: skip
     frame = pd.DataFrame(records)
     frame["x_timm_vit"] = frame["samples_per_s"] / rate["timm_vit"]
@@ -244,7 +269,8 @@ def _markdown(
         f"threads {threads or torch.get_num_threads()}. Accuracy: macro-F1 on "
         f"{int(first['rows'])} held-out rows of {int(first['sensors'])} sensors (place-grouped "
         f"{folds}-fold split, one model per fold trained once with the exact ViT; the setting "
-        "applied at prediction only).",
+        "applied at prediction only; `pxN`: a model per fold of the same split trained on N px "
+        "tiles instead, the bare ViT staying at the config's size).",
         "",
         "| setting | samples/s | x bare ViT | x exact | macro-F1 | vs exact (points) | OA |",
         "|---|---:|---:|---:|---:|---:|---:|",

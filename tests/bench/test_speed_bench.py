@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fusion.bench.speed import fold_models, run_speed_bench
+from fusion.bench.speed import bench_setting, fold_models, run_speed_bench
 from fusion.configs import config_files
 from fusion.errors import InputError
+from fusion.speed import parse_speed
 
 
 def test_speed_bench_end_to_end(places_manifest, shared_data, vit_weights, tmp_path) -> None:
@@ -22,10 +23,18 @@ def test_speed_bench_end_to_end(places_manifest, shared_data, vit_weights, tmp_p
     ]  # fmt: skip
     work, out = tmp_path / "work", tmp_path / "out"
     frame = run_speed_bench(
-        out, config_files("vit"), series, work, settings=["int8", "tome2"], folds=2, rows=8,
-        rounds=1, overrides=overrides,
+        out, config_files("vit"), series, work, settings=["int8", "tome2", "px28"], folds=2,
+        rows=8, rounds=1, overrides=overrides,
     )  # fmt: skip
-    assert frame["setting"].tolist() == ["timm_vit", "exact", "int8", "tome2"]
+    assert frame["setting"].tolist() == ["timm_vit", "exact", "int8", "tome2", "px28"]
+    assert frame.set_index("setting")["image_size"].get("px28") == 28
+    # px28's models: the same folds, trained on 28 px tiles, in their own folder
+    small = fold_models(config_files("vit"), 2, work / "px28",
+                        [*overrides, "--data.image_size", "28"])  # fmt: skip
+    assert [pd.read_csv(m.held_out)["sample_id"].tolist() for m in small] == [
+        pd.read_csv(m.held_out)["sample_id"].tolist()
+        for m in fold_models(config_files("vit"), 2, work, overrides)
+    ]
     assert (frame["samples_per_s"] > 0).all()
     exact = frame.set_index("setting").loc["exact"]
     assert exact["x_exact"] == 1 and exact["macro_f1_points"] == 0
@@ -40,3 +49,14 @@ def test_speed_bench_end_to_end(places_manifest, shared_data, vit_weights, tmp_p
     assert "| tome2 |" in text and "bare timm ViT" in text
     with pytest.raises(InputError, match="use another --work folder"):  # another config's models
         fold_models(config_files("mbt_mid"), 2, work, overrides)
+
+
+def test_bench_settings_name_a_tile_size_and_prediction_options() -> None:
+    assert bench_setting("exact") == (None, parse_speed("exact"))
+    assert bench_setting("px168+bf16") == (168, parse_speed("bf16"))
+    assert bench_setting("tome8+px140") == (140, parse_speed("tome8"))
+    assert bench_setting("px154") == (154, parse_speed("exact"))
+    with pytest.raises(ValueError, match="more than one tile size"):
+        bench_setting("px140+px168")
+    with pytest.raises(ValueError, match="unknown speed setting"):
+        bench_setting("px140+fp8")
