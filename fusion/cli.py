@@ -165,17 +165,13 @@ def _speed(args: argparse.Namespace) -> Speed:
 
 
 def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import os
-
     import numpy as np
-
-    # GDAL keeps decoded raster blocks up to 5% of the RAM by default: across a city-wide raster
-    # that cache, not the model, would set the memory. A user's own setting wins.
-    os.environ.setdefault("GDAL_CACHEMAX", "256")  # MB
 
     from fusion.data.prediction import ManifestSamples, PredictionDataModule, RegionSamples
     from fusion.io import atomic_path, check_replaceable
-    from fusion.predict import MAP_REGIONS, check_output, load_model, predict
+    from fusion.predict import MAP_REGIONS, cap_gdal_cache, check_output, load_model, predict
+
+    cap_gdal_cache()
 
     if (args.manifest is None) == (args.raster is None):
         parser.error("predict needs either --manifest or --raster with --regions")

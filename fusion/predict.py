@@ -267,6 +267,17 @@ class Prediction:
         return {name: int(c) for name, c in zip(STATUSES, counts, strict=True) if c}
 
 
+GDAL_CACHE_MB = 256
+
+
+def cap_gdal_cache() -> None:
+    """Cap GDAL's block cache at :data:`GDAL_CACHE_MB` unless ``GDAL_CACHEMAX`` is set (a
+    user's own setting wins). GDAL keeps decoded raster blocks up to 5% of the RAM by default:
+    across a city-wide raster that cache, not the model or the regions, would set the memory
+    (``fusion bench --parts regions``). Call before GDAL first reads a raster."""
+    os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
+
+
 def check_output(output: str | os.PathLike[str], regions: bool) -> Path:
     """Refuse, before any work, an output :func:`predict` could not write: not ``.csv`` or
     ``.gpkg``, a GeoPackage without regions, or a file (or a regions run's ``.png`` and

@@ -9,14 +9,16 @@ trained for a few batches on 14 px tiles (one ViT patch a tile, no series branch
 predictions mean nothing, it makes a million regions affordable on a CPU; the ViT's and the
 fusion's cost per region are measured by ``--parts speed``).
 
-Each run is ``fusion predict`` in a fresh process (:func:`~fusion.bench.timing.in_fresh_process`):
-its peak RSS (``VmHWM``) and peak anonymous RSS (sampled), seconds and regions/s, for each count
-with the command's own ``GDAL_CACHEMAX`` (256 MB), and for the smallest count also with others
-(``"5%"``: GDAL's own default, 5% of the RAM). Writes ``regions.csv`` and ``regions.md``.
+Each run is the ``fusion predict`` path in a fresh process
+(:func:`~fusion.bench.timing.in_fresh_process`): its peak RSS (``VmHWM``) and peak anonymous RSS
+(sampled), seconds and regions/s, for each count with the command's own ``GDAL_CACHEMAX`` (256
+MB), and for the smallest count also with others (``"5%"``: GDAL's own default, 5% of the
+RAM). Writes ``regions.csv`` and ``regions.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -102,20 +104,22 @@ def small_model(work: Path) -> Path:
 def measure_predict(
     ckpt: Path, raster: Path, regions: Path, output: Path, cachemax: str | None
 ) -> dict[str, Any]:
-    """``fusion predict`` of ``regions`` over ``raster`` (in this process, meant to be fresh)
-    with ``GDAL_CACHEMAX`` set to ``cachemax`` (None: the command's default): seconds, peaks."""
+    """What ``fusion predict --raster R --regions G --bands 3 2 1 --batch-size 256 --output O``
+    runs (in this process, meant to be fresh), with ``GDAL_CACHEMAX`` set to ``cachemax``
+    (None: the command's cap, :func:`~fusion.predict.cap_gdal_cache`): seconds, peaks (MiB),
+    the output's size (MiB)."""
     if cachemax is not None:
         os.environ["GDAL_CACHEMAX"] = cachemax
-    from fusion.cli import main
+    from fusion.data.prediction import PredictionDataModule, RegionSamples
+    from fusion.predict import cap_gdal_cache, load_model, predict
 
-    args = [
-        "predict", "--ckpt_path", str(ckpt), "--raster", str(raster), "--regions", str(regions),
-        "--bands", "3", "2", "1", "--batch-size", "256", "--output", str(output),
-    ]  # fmt: skip
+    cap_gdal_cache()
     with memory_peaks() as peaks:
         start = time.perf_counter()
-        if main(args) != 0:
-            raise RuntimeError(f"fusion predict failed: {' '.join(args)}")
+        task, contract = load_model(ckpt)
+        contract = dataclasses.replace(contract, bands=(3, 2, 1))
+        samples = RegionSamples(raster, regions, contract)
+        predict(task, PredictionDataModule(samples, batch_size=256), output)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, **peaks, "output_mib": output.stat().st_size / 2**20}
 
@@ -161,7 +165,7 @@ def _markdown(frame: pd.DataFrame, raster: Path) -> str:
         f"Generated regions (an equal-rectangle grid over the whole raster) on a mosaic of the "
         f"real rgbn.tif ({shape}; bands 3 2 1 read); the image-only vit config on {TILE_SIZE} px "
         "tiles, trained for 4 batches (its predictions mean nothing; the path's memory is "
-        "measured); each run `fusion predict --batch-size 256` to a GeoPackage in a fresh "
+        "measured); each run the `fusion predict` path (batch 256) to a GeoPackage in a fresh "
         "process, one run each.",
         "",
         "| regions | GDAL_CACHEMAX (MB) | seconds | regions/s | peak RSS MiB | "
