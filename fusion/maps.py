@@ -139,10 +139,7 @@ def draw_prediction_map(
     outlines).
     """
     *_, crs = _background(ax, raster, rgb_bands, nodata, max_pixels)
-    shapes = regions[regions.geometry.notna() & ~regions.geometry.is_empty]
-    if crs is not None and shapes.crs is not None and len(shapes):
-        shapes = shapes.to_crs(crs)
-    codes = class_codes(shapes, classes, label_column)
+    shapes, codes = _drawn(regions, classes, label_column, crs)
     colors = class_colors(len(classes))
 
     handles: list[Patch] = []
@@ -173,6 +170,16 @@ def draw_prediction_map(
     ax.autoscale_view()
     _finish(ax, raster, handles, labels, label_column, crs, title)
     return handles, labels
+
+
+def _drawn(
+    regions: geopandas.GeoDataFrame, classes: Sequence[str], label_column: str, crs: CRS | None
+) -> tuple[geopandas.GeoDataFrame, np.ndarray]:
+    """The regions with a geometry, in the raster's ``crs``, and their :func:`class_codes`."""
+    shapes = regions[regions.geometry.notna() & ~regions.geometry.is_empty]
+    if crs is not None and shapes.crs is not None and len(shapes):
+        shapes = shapes.to_crs(crs)
+    return shapes, class_codes(shapes, classes, label_column)
 
 
 def _background(
@@ -289,10 +296,7 @@ def draw_class_raster(
     k = len(classes)
     counts = np.zeros(2 * k + 1, dtype=np.int64)  # skipped, classes, uncertain classes
     for chunk in chunks:
-        shapes = chunk[chunk.geometry.notna() & ~chunk.geometry.is_empty]
-        if crs is not None and shapes.crs is not None and len(shapes):
-            shapes = shapes.to_crs(crs)
-        codes = class_codes(shapes, classes, label_column)
+        shapes, codes = _drawn(chunk, classes, label_column, crs)
         if "status" in shapes.columns:
             uncertain = (shapes["status"] == UNCERTAIN_STATUS).to_numpy() & (codes >= 0)
             codes = np.where(uncertain, codes + k, codes)
