@@ -103,16 +103,17 @@ def load_model(path: str | os.PathLike[str]) -> tuple[FusionTask, DataContract]:
     return task.eval(), contract
 
 
-def _status(has_image: np.ndarray, has_series: np.ndarray) -> np.ndarray:
-    """Each row's code in :data:`STATUSES` from the views it had."""
-    return np.select([has_image & has_series, has_image, has_series], [1, 2, 3], 0)
-
-
 UNCERTAIN = UNCERTAIN_STATUS  # the status of a prediction flagged by Flags
 # Above this many regions the PNG map is rasterised and no HTML map is drawn (``_maps``).
 MAP_REGIONS = 50_000
 # A row's status: skipped, the views it was predicted from, or flagged.
 STATUSES = ("skipped", "image+series", "image only", "series only", UNCERTAIN)
+
+
+def _status(has_image: np.ndarray, has_series: np.ndarray) -> np.ndarray:
+    """Each row's code in :data:`STATUSES` from the views it had."""
+    views = [has_image & has_series, has_image, has_series]
+    return np.select(views, [STATUSES.index(n) for n in STATUSES[1:4]], STATUSES.index("skipped"))
 
 
 @dataclass(frozen=True)

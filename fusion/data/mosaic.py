@@ -128,7 +128,7 @@ class RegionRaster:
 
     The layer is read ``chunk`` regions at a time (pyogrio's ``skip_features`` /
     ``max_features``): once when opened, to check the ids (present, unique) and that some region
-    lies on the raster, then chunk by chunk as regions are read (one chunk held per process), so
+    lies on the raster, then chunk by chunk as regions are read (two chunks held per process), so
     memory does not grow with the number of regions. The polygons are reprojected to the
     raster's CRS; region ``i`` is read over its bounding box snapped to whole pixels, and pixels
     outside the raster, outside the polygon or nodata are invalid. The raster is opened lazily
@@ -179,7 +179,7 @@ class RegionRaster:
             )
         self.layer_crs: str = str(info["crs"])  # the regions' own CRS
         self._count = int(info["features"])
-        self._cached: RegionChunk | None = None
+        self._cached: dict[int, RegionChunk] = {}  # by start: the last two read
         self._scan()
         self._src: DatasetReader | None = None
         self._pid: int | None = None
@@ -245,6 +245,7 @@ class RegionRaster:
             hashes.append(pd.util.hash_array(ids.astype(str).to_numpy(dtype=object)))
             degenerate += [(part.ids[i], part.problems[i]) for i in np.flatnonzero(~part.readable)]
             outside += [part.ids[i] for i in np.flatnonzero(part.outside)]
+            self._keep(part)  # a layer of one chunk is then not read again
         file, col = self.regions_path, self.id_column
         if missing:
             raise InputError(f"{missing} regions have no id", file=file, field=col)
@@ -268,10 +269,16 @@ class RegionRaster:
         if not -len(self) <= i < len(self):
             raise IndexError(f"region index {i} out of range for {len(self)} regions")
         i %= len(self)
-        part = self._cached
-        if part is None or not part.start <= i < part.start + len(part):
-            part = self._cached = self._place(i - i % self.chunk)
-        return part, i - part.start
+        start = i - i % self.chunk
+        if start not in self._cached:
+            self._keep(self._place(start))
+        return self._cached[start], i - start
+
+    def _keep(self, part: RegionChunk) -> None:
+        """Hold ``part`` and the chunk read before it: a prediction run's loader may read one
+        batch ahead of the writer asking for the ids of the previous one, across a chunk's end."""
+        last = list(self._cached.values())[-1:]
+        self._cached = {c.start: c for c in [*last, part]}
 
     def region_ids(self, index: Sequence[int]) -> list[Any]:
         """The ids of the regions at positions ``index``."""
@@ -296,7 +303,7 @@ class RegionRaster:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_src"], state["_pid"], state["_cached"] = None, None, None
+        state["_src"], state["_pid"], state["_cached"] = None, None, {}
         return state
 
     def _dataset(self) -> DatasetReader:
